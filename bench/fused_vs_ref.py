@@ -1,0 +1,645 @@
+"""Time the fused Ghost module (``ghostops.GhostModule``) against the unfused reference.
+
+Cases: every unique Ghost module shape of GhostNet-1.0x (eval mode, no grad) at batch 1 and 32,
+then the whole GhostNet-1.0x at 224x224, both built from the same randomised state dict. Every
+fused output is checked against the reference first, so a wrong kernel fails loudly instead of
+being timed. Reported: median ms of each, speedup, and the fused module's achieved bandwidth
+(input + output + weights, each moved once) against the machine's measured copy bandwidth.
+
+Run from the repository root::
+
+    python bench/fused_vs_ref.py                  # full run -> bench/results/cpu.json
+    python bench/fused_vs_ref.py --quick          # < 1 min  -> bench/results/cpu-quick.json
+    python bench/fused_vs_ref.py --device cuda    # -> bench/results/cuda-<gpu>.json
+
+Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median) on the CPU with
+``torch.get_num_threads()`` threads; ``triton.testing.do_bench`` (median, L2 flush) on a GPU.
+Progress goes to stderr, the markdown table to stdout, the results to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+SHAPES_FILE_NAME = "ghostnet_module_shapes.json"
+# The shape list lives beside the repository (../shared/); a copy in bench/ would win.
+SHAPES_FILE_CANDIDATES = (
+    REPO_ROOT / "bench" / SHAPES_FILE_NAME,
+    REPO_ROOT.parent / "shared" / SHAPES_FILE_NAME,
+)
+WIDTH = "1.0"
+
+try:
+    import ghostops
+except ImportError:  # run as `python bench/fused_vs_ref.py` from a source checkout
+    sys.path.insert(0, str(REPO_ROOT))
+    import ghostops
+from ghostops.backends import select_backend  # noqa: E402
+from ghostops.reference import ReferenceGhostModule  # noqa: E402
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Module outputs: elementwise ``assert_close`` bounds; model logits: relative L2 error."""
+
+    rtol: float
+    atol: float
+    model_rel_err: float
+
+
+# BN folding reorders the arithmetic, so the fused result differs from the reference by
+# rounding; inputs and BN parameters are O(1), so these bounds are far above that.
+TOLERANCES = {
+    torch.float64: Tolerance(1e-9, 1e-9, 1e-7),
+    torch.float32: Tolerance(1e-4, 1e-4, 1e-3),
+    torch.float16: Tolerance(2e-2, 2e-2, 5e-2),
+    torch.bfloat16: Tolerance(5e-2, 5e-2, 1e-1),
+}
+# cuDNN runs float32 convs in TF32 by default (torch.backends.cudnn.allow_tf32).
+CUDA_FLOAT32_TOLERANCE = Tolerance(2e-3, 2e-3, 1e-2)
+
+FULL = {"batches": (1, 32), "shapes": None, "min_run_time": 1.0, "model_batches": (1, 32)}
+QUICK = {"batches": (1, 8), "shapes": 6, "min_run_time": 0.1, "model_batches": (1,)}
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+
+
+SHAPE_FIELDS = ("in_channels", "out_channels", "height", "width", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleShape:
+    """One Ghost module of GhostNet (kernel_size=1, ratio=2, dw_size=3, stride=1)."""
+
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    relu: bool
+    count: int = 1  # how often the shape occurs in the network
+
+    @classmethod
+    def from_row(cls, row: dict) -> ModuleShape:
+        """The shape of a result row."""
+        return cls(*(row[name] for name in SHAPE_FIELDS), count=row.get("count", 1))
+
+    @property
+    def label(self) -> str:
+        relu = " relu" if self.relu else ""
+        return f"{self.in_channels}->{self.out_channels} {self.height}x{self.width}{relu}"
+
+
+def find_shapes_file() -> Path:
+    """The GhostNet module shape list (see DESIGN.md section 1)."""
+    for path in SHAPES_FILE_CANDIDATES:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{SHAPES_FILE_NAME} not found in {[str(p) for p in SHAPES_FILE_CANDIDATES]}; "
+        "pass --shapes-file"
+    )
+
+
+def load_shapes(path: Path, width: str = WIDTH) -> list[ModuleShape]:
+    """Unique module shapes of GhostNet at ``width``, in network order, with occurrence counts."""
+    data = json.loads(Path(path).read_text())
+    fields = data["fields"]
+    counts: dict[tuple, int] = {}
+    for row in data["widths"][width]:
+        key = tuple(row[fields.index(name)] for name in SHAPE_FIELDS)
+        counts[key] = counts.get(key, 0) + 1
+    return [ModuleShape(*key, count=count) for key, count in counts.items()]
+
+
+def spread(items: Sequence, n: int | None) -> list:
+    """``n`` items evenly spread over ``items`` (first and last included), all if n is None.
+
+    Taking the first n instead would keep only the 112x112 shapes of the network's stem.
+    """
+    if n is None or n >= len(items):
+        return list(items)
+    if n <= 1:
+        return list(items[:n])
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """A timing in milliseconds: median and interquartile range over the measured runs."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int | None  # None where the timer does not say (do_bench)
+
+
+@dataclasses.dataclass
+class Harness:
+    """Where and how cases run: device, dtype, memory format, timer settings."""
+
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    min_run_time: float
+    threads: int
+    use_do_bench: bool  # triton.testing.do_bench on a GPU when triton imports
+
+    @property
+    def timer_name(self) -> str:
+        if self.use_do_bench:
+            return "triton.testing.do_bench (median)"
+        return "torch.utils.benchmark.Timer.blocked_autorange (median)"
+
+    @property
+    def tolerance(self) -> Tolerance:
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            return CUDA_FLOAT32_TOLERANCE
+        return TOLERANCES[self.dtype]
+
+    def time(self, fn: Callable[[], object], min_run_time: float | None = None) -> Timing:
+        """Time ``fn()``; the caller sets the grad mode (it holds across the timer's loop)."""
+        min_run_time = self.min_run_time if min_run_time is None else min_run_time
+        if self.use_do_bench:
+            import triton.testing
+
+            rep_ms = max(1, round(min_run_time * 1e3))
+            median, q25, q75 = triton.testing.do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.25, 0.75])
+            return Timing(median, q75 - q25, None)
+        from torch.utils import benchmark
+
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+        return Timing(m.median * 1e3, m.iqr * 1e3, m.number_per_run * len(m.times))
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """``module`` in eval mode, on the harness's device, dtype and memory format."""
+        module = module.to(device=self.device, dtype=self.dtype).eval()
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        x = torch.randn(*shape, device=self.device, dtype=self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics (a trained-like
+    network; fresh BNs are the identity, which would hide a kernel that ignores them)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, what: str) -> None:
+    """Fail loudly, naming the case, if the fused output is not the reference's."""
+    try:
+        torch.testing.assert_close(out, ref, rtol=tol.rtol, atol=tol.atol)
+    except AssertionError as err:
+        raise AssertionError(f"{what}: fused output differs from the reference\n{err}") from None
+
+
+def state_bytes(module: nn.Module, element_size: int) -> int:
+    """Bytes of the module's floating-point parameters and buffers at ``element_size``."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() for t in tensors if t.is_floating_point()) * element_size
+
+
+def copy_bandwidth(h: Harness, mib: int) -> float:
+    """Measured copy bandwidth in GB/s (1e9 bytes/s), counting the read and the write."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=h.device).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)  # touch the pages before timing
+    t = h.time(lambda: dst.copy_(src), min_run_time=max(h.min_run_time, 0.5))
+    return 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Module and model cases
+
+
+def bench_module(h: Harness, shape: ModuleShape, batch: int, copy_gbps: float) -> dict:
+    """Time one Ghost module shape, reference vs fused, same weights; return a result row."""
+    args = (shape.in_channels, shape.out_channels)
+    kwargs = {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1, "relu": shape.relu}
+    ref = randomize_batchnorm(ReferenceGhostModule(*args, **kwargs))
+    fused = ghostops.GhostModule(*args, **kwargs)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref, fused = h.prepare(ref), h.prepare(fused)
+    x = h.randn(batch, shape.in_channels, shape.height, shape.width)
+
+    y_ref, y = ref(x), fused(x)  # also the warm-up call of each
+    check_close(y, y_ref, h.tolerance, f"module {shape.label}, batch {batch}")
+    t_ref = h.time(lambda: ref(x))
+    t_fused = h.time(lambda: fused(x))
+
+    element_size = x.element_size()
+    nbytes = (x.numel() + y.numel()) * element_size + state_bytes(fused, element_size)
+    gbps = nbytes / (t_fused.median_ms * 1e-3) / 1e9
+    return {
+        **dataclasses.asdict(shape),
+        "batch": batch,
+        "ref_ms": t_ref.median_ms,
+        "ref_iqr_ms": t_ref.iqr_ms,
+        "ref_runs": t_ref.runs,
+        "fused_ms": t_fused.median_ms,
+        "fused_iqr_ms": t_fused.iqr_ms,
+        "fused_runs": t_fused.runs,
+        "speedup": t_ref.median_ms / t_fused.median_ms,
+        "bytes": nbytes,
+        "fused_gbps": gbps,
+        "fraction_of_copy_bandwidth": gbps / copy_gbps,
+        "max_abs_err": (y.double() - y_ref.double()).abs().max().item(),
+        "rel_err": relative_error(y, y_ref),
+    }
+
+
+def count_modules(model: nn.Module, cls: type) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def build_models(h: Harness) -> tuple[nn.Module, nn.Module]:
+    """GhostNet-1.0x twice from one randomised state dict: (reference, ghostops)."""
+    width = float(WIDTH)
+    ref = ghostops.models.ghostnet(width=width, ghost_module_cls=ReferenceGhostModule)
+    randomize_batchnorm(ref)
+    fused = ghostops.models.ghostnet(width=width)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    # A builder that ignored ghost_module_cls would time one network against itself.
+    if count_modules(ref, ReferenceGhostModule) == 0:
+        raise RuntimeError("the reference GhostNet has no ReferenceGhostModule")
+    if count_modules(fused, ghostops.GhostModule) == 0:
+        raise RuntimeError("the ghostops GhostNet has no ghostops.GhostModule")
+    return h.prepare(ref), h.prepare(fused)
+
+
+def bench_model(h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolution: int) -> dict:
+    """Time whole-network inference, reference vs ghostops; return a result row."""
+    x = h.randn(batch, 3, resolution, resolution)
+    y_ref, y = ref(x), fused(x)
+    err = relative_error(y, y_ref)
+    if not err <= h.tolerance.model_rel_err:
+        raise AssertionError(
+            f"GhostNet-{WIDTH}x, batch {batch}: ghostops output differs from the reference "
+            f"(relative error {err:.3g} > {h.tolerance.model_rel_err:g})"
+        )
+    t_ref = h.time(lambda: ref(x))
+    t_fused = h.time(lambda: fused(x))
+    return {
+        "model": f"ghostnet-{WIDTH}x",
+        "batch": batch,
+        "resolution": resolution,
+        "ghost_modules": count_modules(fused, ghostops.GhostModule),
+        "parameters": sum(p.numel() for p in fused.parameters()),
+        "ref_ms": t_ref.median_ms,
+        "ref_iqr_ms": t_ref.iqr_ms,
+        "fused_ms": t_fused.median_ms,
+        "fused_iqr_ms": t_fused.iqr_ms,
+        "speedup": t_ref.median_ms / t_fused.median_ms,
+        "rel_err": err,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Summary, machine info, output
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per batch size: geometric-mean speedup over the shapes and the worst shape."""
+    out = []
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        group = [r for r in rows if r["batch"] == batch]
+        worst = min(group, key=lambda r: r["speedup"])
+        out.append({
+            "batch": batch,
+            "shapes": len(group),
+            "geomean_speedup": math.exp(sum(math.log(r["speedup"]) for r in group) / len(group)),
+            "worst_speedup": worst["speedup"],
+            "worst_shape": ModuleShape.from_row(worst).label,
+        })  # fmt: skip
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def cpu_busy_fraction(interval: float = 0.3) -> float | None:
+    """Fraction of all CPUs busy with other work over ``interval`` seconds (we sleep meanwhile);
+    None where /proc/stat is missing."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(interval)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def warn_if_busy(busy: float | None) -> None:
+    """Other work on the CPU (a compile, a profiler) distorts timings badly: say so."""
+    if busy is not None and busy > 0.2:
+        progress(
+            f"warning: {100 * busy:.0f} % of the CPU was busy with other processes just before "
+            "the run; the timings will be distorted"
+        )
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu``, or ``cuda-<gpu name>`` (e.g. cuda-nvidia-h100-80gb-hbm3)."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device)
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def machine_info(h: Harness, copy_gbps: float, copy_mib: int, busy: float | None) -> dict:
+    return {
+        "device": device_slug(h.device),
+        "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name(h.device) if h.device.type == "cuda" else None,
+        "logical_cpus": os.cpu_count(),
+        "threads": h.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": copy_gbps,
+        "copy_bandwidth_method": f"{copy_mib} MiB tensor copy_, read + write, median",
+        "cpu_busy_before_run": busy,
+    }
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def render(result: dict) -> str:
+    """The results as markdown, fit for pasting into a README."""
+    m, g, s = result["machine"], result["ghostops"], result["settings"]
+    where = m["gpu"] or f"{m['cpu']}, {m['threads']} threads"
+    lines = [
+        f"## ghostops fused vs reference: {m['device']} ({where})",
+        "",
+        f"{s['dtype']}{', channels_last' if s['channels_last'] else ''}, eval, no grad; "
+        f"torch {m['torch']}; backend `{g['backend']}` "
+        f"(available: {', '.join(g['available_backends'])}); {s['timer']}; "
+        f"copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s.",
+    ]
+    if g["backend"] == "reference":
+        lines += ["", "**The fused module ran the unfused reference path (no fused kernel here).**"]
+    lines += [
+        "",
+        "| batch | module (in->out HxW) | uses | ref ms | fused ms | speedup | fused GB/s "
+        "| % copy BW |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["modules"]:
+        shape = ModuleShape.from_row(r)
+        lines.append(
+            f"| {r['batch']} | {shape.label} | {r['count']} | {fmt_ms(r['ref_ms'])} | "
+            f"{fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x | {r['fused_gbps']:.1f} | "
+            f"{100 * r['fraction_of_copy_bandwidth']:.0f} % |"
+        )
+    lines += [
+        "",
+        "| batch | shapes | geomean speedup | worst speedup | worst shape |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['batch']} | {r['shapes']} | {r['geomean_speedup']:.2f}x | "
+            f"{r['worst_speedup']:.2f}x | {r['worst_shape']} |"
+        )
+    if result["model"]:
+        lines += [
+            "",
+            "| model | batch | input | ref ms | ghostops ms | speedup |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["model"]:
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['resolution']}x{r['resolution']} | "
+                f"{fmt_ms(r['ref_ms'])} | {fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x |"
+            )
+    elif result["model_skipped"]:
+        lines += ["", f"Whole model skipped: {result['model_skipped']}."]
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--channels-last", action="store_true", help="channels_last input and weights")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fast pass: batch 1 and 8, 6 shapes, short runs; writes <device>-quick.json",
+    )
+    p.add_argument(
+        "--batch", type=int, nargs="+", help="module batch sizes (default 1 32; quick: 1 8)"
+    )
+    p.add_argument(
+        "--shapes", type=int, help="time N of the unique shapes, evenly spread over the network"
+    )
+    p.add_argument(
+        "--min-run-time", type=float, help="seconds per timing (default 1.0; quick: 0.1)"
+    )
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch.get_num_threads())")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-GhostNet timing")
+    p.add_argument(
+        "--model-batch",
+        type=int,
+        nargs="+",
+        help="whole-model batch sizes (default 1 32; quick: 1)",
+    )
+    p.add_argument(
+        "--resolution", type=int, default=224, help="whole-model input size (default 224)"
+    )
+    p.add_argument("--copy-mib", type=int, default=256, help="size of the bandwidth-measuring copy")
+    p.add_argument(
+        "--shapes-file", type=Path, help=f"module shape list (default {SHAPES_FILE_NAME})"
+    )
+    p.add_argument(
+        "--out", type=Path, help="JSON output (default bench/results/<device>[-quick].json)"
+    )
+    return p.parse_args(argv)
+
+
+def make_harness(args: argparse.Namespace, min_run_time: float) -> Harness:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fused_vs_ref: --device cuda, but torch sees no GPU")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    use_do_bench = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the reference gets its best cuDNN algorithms
+        try:
+            import triton.testing  # noqa: F401
+
+            use_do_bench = True
+        except ImportError:
+            progress("triton is missing: timing with torch.utils.benchmark (CUDA-synchronised)")
+    return Harness(
+        device,
+        DTYPES[args.dtype],
+        args.channels_last,
+        min_run_time,
+        torch.get_num_threads(),
+        use_do_bench,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON; return the exit status."""
+    args = parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    batches = tuple(args.batch or preset["batches"])
+    model_batches = () if args.no_model else tuple(args.model_batch or preset["model_batches"])
+    min_run_time = args.min_run_time if args.min_run_time is not None else preset["min_run_time"]
+    shapes_file = args.shapes_file or find_shapes_file()
+    all_shapes = load_shapes(shapes_file)
+    shapes = spread(all_shapes, args.shapes if args.shapes is not None else preset["shapes"])
+    h = make_harness(args, min_run_time)
+    busy = cpu_busy_fraction()
+    warn_if_busy(busy)
+    torch.manual_seed(0)
+
+    backend = select_backend(h.device.type)
+    copy_gbps = copy_bandwidth(h, args.copy_mib)
+    progress(
+        f"{device_slug(h.device)}, {h.threads} threads, backend {backend!r}, "
+        f"copy bandwidth {copy_gbps:.1f} GB/s; "
+        f"{len(shapes)}/{len(all_shapes)} shapes x batch {batches}"
+    )
+
+    rows, model_rows, model_skipped = [], [], None
+    with torch.no_grad():
+        cases = [(b, s) for b in batches for s in shapes]
+        for i, (batch, shape) in enumerate(cases, 1):
+            row = bench_module(h, shape, batch, copy_gbps)
+            rows.append(row)
+            progress(
+                f"[{i:>2}/{len(cases)}] batch {batch:>3} {shape.label:<22} "
+                f"ref {fmt_ms(row['ref_ms']):>7} ms  fused {fmt_ms(row['fused_ms']):>7} ms  "
+                f"{row['speedup']:.2f}x"
+            )
+        if model_batches:
+            try:
+                ref_model, fused_model = build_models(h)
+            except NotImplementedError:
+                model_skipped = "ghostops.models.ghostnet is not implemented yet"
+                progress(f"whole model skipped: {model_skipped}")
+            else:
+                for batch in model_batches:
+                    row = bench_model(h, ref_model, fused_model, batch, args.resolution)
+                    model_rows.append(row)
+                    progress(
+                        f"[model] batch {batch:>3} ghostnet-{WIDTH}x "
+                        f"{args.resolution}x{args.resolution}  ref {fmt_ms(row['ref_ms'])} ms  "
+                        f"ghostops {fmt_ms(row['fused_ms'])} ms  {row['speedup']:.2f}x"
+                    )
+    if args.no_model:
+        model_skipped = "--no-model"
+
+    result = {
+        "benchmark": "ghostops fused Ghost module vs unfused reference (bench/fused_vs_ref.py)",
+        "quick": args.quick,
+        "machine": machine_info(h, copy_gbps, args.copy_mib, busy),
+        "ghostops": {
+            "version": ghostops.__version__,
+            "available_backends": ghostops.available_backends(),
+            "backend": backend,
+        },
+        "settings": {
+            "dtype": args.dtype,
+            "channels_last": args.channels_last,
+            "mode": "eval, torch.no_grad()",
+            "timer": h.timer_name,
+            "min_run_time_s": min_run_time,
+            "batches": list(batches),
+            "model_batches": list(model_batches),
+            "shapes_file": str(shapes_file),
+            "width": WIDTH,
+            "module_config": {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1},
+            "bytes": "input + output + floating-point parameters and buffers, each once",
+            "tolerance": dataclasses.asdict(h.tolerance),
+        },
+        "modules": rows,
+        "summary": summarize(rows),
+        "model": model_rows,
+        "model_skipped": model_skipped,
+    }
+    out = args.out or RESULTS_DIR / f"{device_slug(h.device)}{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(render(result))
+    progress(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+// The ghostops:: op schemas, defined once. Kernels register per device in their own files
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake implementations and autograd live in ghostops/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(ghostops, m) {
+  m.set_python_module("ghostops.ops");
+  // Eval-mode Ghost module, both BatchNorms folded, one pass: x (N, C_in, H, W) ->
+  // (N, oup, Ho, Wo) in x's memory format. act: "relu" or "identity".
+  m.def(
+      "ghost_forward_eval(Tensor x, Tensor primary_weight, Tensor bn1_weight, Tensor bn1_bias, "
+      "Tensor bn1_mean, Tensor bn1_var, float bn1_eps, Tensor cheap_weight, Tensor bn2_weight, "
+      "Tensor bn2_bias, Tensor bn2_mean, Tensor bn2_var, float bn2_eps, int oup, int stride, "
+      "str act) -> Tensor");
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef GHOSTOPS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ghostops compiled kernels; the ops themselves are torch.ops.ghostops.*";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels (csrc/cuda) were built");
+}

@@ -1,0 +1,185 @@
+"""``ghostops.GhostModule``: a drop-in for the paper's GhostModule, backed by the fused ops."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ghostops.ops import ghost_module
+from ghostops.reference import ghost_channels
+
+
+class GhostModule(nn.Module):
+    """Ghost module (GhostNet, CVPR 2020): ``inp`` -> ``oup`` channels.
+
+    Constructor, submodules and state dict are those of the paper's code
+    (``primary_conv.{0,1}``, ``cheap_operation.{0,1}``), so its checkpoints load with
+    ``strict=True``. The forward runs one fused op (see ``ghostops.ghost_module``), with
+    ``nn.BatchNorm2d`` semantics for both BatchNorms, momentum and ``num_batches_tracked``.
+    Input (N, inp, H, W); output (N, oup, H // stride, W // stride) rounded as Conv2d rounds.
+    """
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__()
+        if ratio < 2:
+            raise ValueError(f"GhostModule: ratio must be >= 2, got {ratio}")
+        if dw_size < 1 or dw_size % 2 == 0:
+            raise ValueError(f"GhostModule: dw_size must be odd and positive, got {dw_size}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"GhostModule: kernel_size must be odd and positive, got {kernel_size}")
+        self.inp, self.oup, self.ratio = inp, oup, ratio
+        self.kernel_size, self.dw_size, self.stride, self.relu = kernel_size, dw_size, stride, relu
+        init, new = ghost_channels(oup, ratio)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, new, dw_size, 1, dw_size // 2, groups=init, bias=False),
+            nn.BatchNorm2d(new),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.inp}, {self.oup}, kernel_size={self.kernel_size}, ratio={self.ratio}, "
+            f"dw_size={self.dw_size}, stride={self.stride}, relu={self.relu}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.shape[1] != self.inp:
+            raise ValueError(
+                f"GhostModule: expected input with {self.inp} channels (inp), got {x.shape[1]}"
+            )
+        bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
+        momentum, use_batch_stats = _batch_norm_step(bn1, self.training)
+        _batch_norm_step(bn2, self.training)
+        return ghost_module(
+            x,
+            self.primary_conv[0].weight,
+            bn1.weight,
+            bn1.bias,
+            bn1.running_mean if not self.training or bn1.track_running_stats else None,
+            bn1.running_var if not self.training or bn1.track_running_stats else None,
+            self.cheap_operation[0].weight,
+            bn2.weight,
+            bn2.bias,
+            bn2.running_mean if not self.training or bn2.track_running_stats else None,
+            bn2.running_var if not self.training or bn2.track_running_stats else None,
+            oup=self.oup,
+            ratio=self.ratio,
+            dw_size=self.dw_size,
+            stride=self.stride,
+            relu=self.relu,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=bn1.eps,
+        )
+
+
+def _batch_norm_step(bn: nn.BatchNorm2d, training: bool) -> tuple[float, bool]:
+    """What ``nn.BatchNorm2d.forward`` does before normalising: bump ``num_batches_tracked``
+    in training and return (momentum factor, whether batch statistics normalise)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = training or bn.running_mean is None
+    return factor, use_batch_stats
+
+
+def _make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``, by default
+    ``divisor``), going up one step where rounding would lose more than 10 %: the channel rule
+    of MobileNet and GhostNet."""
+    if min_value is None:
+        min_value = divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation of GhostNet's bottlenecks: global average pool, 1x1 conv down to
+    ``_make_divisible(in_chs * se_ratio, 4)`` channels, ReLU, 1x1 conv back, then the input is
+    scaled by the hard-sigmoid gate ``relu6(s + 3) / 6``.
+
+    Submodules ``conv_reduce`` / ``conv_expand`` (both with bias) as in the paper's code and timm.
+    """
+
+    def __init__(self, in_chs: int, se_ratio: float = 0.25, divisor: int = 4):
+        super().__init__()
+        reduced_chs = _make_divisible(in_chs * se_ratio, divisor)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_reduce = nn.Conv2d(in_chs, reduced_chs, 1, bias=True)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_expand = nn.Conv2d(reduced_chs, in_chs, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.conv_expand(self.act1(self.conv_reduce(self.avg_pool(x))))
+        return x * (nn.functional.relu6(s + 3.0) / 6.0)
+
+
+class GhostBottleneck(nn.Module):
+    """Ghost bottleneck (GhostNet, arXiv 1911.11907): ``in_chs`` -> ``out_chs`` channels.
+
+    ``ghost1`` (Ghost module to ``mid_chs``, ReLU), a depthwise ``conv_dw`` + ``bn_dw`` of kernel
+    ``dw_kernel_size`` only when ``stride > 1``, optional ``se`` (when ``se_ratio > 0``),
+    ``ghost2`` (Ghost module to ``out_chs``, no activation), plus the ``shortcut``: identity when
+    ``in_chs == out_chs`` and ``stride == 1``, else depthwise conv + BN + 1x1 conv + BN.
+    Submodule names and state dict keys are those of the paper's code and of timm.
+
+    ``ghost_module_cls`` builds both Ghost modules (default ``ghostops.GhostModule``; pass
+    ``ghostops.reference.ReferenceGhostModule`` for the unfused network, same state dict).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        mid_chs: int,
+        out_chs: int,
+        dw_kernel_size: int = 3,
+        stride: int = 1,
+        se_ratio: float = 0.0,
+        ghost_module_cls: type[nn.Module] | None = None,
+    ):
+        super().__init__()
+        ghost_cls = GhostModule if ghost_module_cls is None else ghost_module_cls
+        self.stride = stride
+        pad = (dw_kernel_size - 1) // 2
+
+        self.ghost1 = ghost_cls(in_chs, mid_chs, relu=True)
+        if stride > 1:
+            self.conv_dw = nn.Conv2d(
+                mid_chs, mid_chs, dw_kernel_size, stride, pad, groups=mid_chs, bias=False
+            )
+            self.bn_dw = nn.BatchNorm2d(mid_chs)
+        else:
+            self.conv_dw = None
+            self.bn_dw = None
+        has_se = se_ratio is not None and se_ratio > 0
+        self.se = SqueezeExcite(mid_chs, se_ratio) if has_se else None
+        self.ghost2 = ghost_cls(mid_chs, out_chs, relu=False)
+
+        if in_chs == out_chs and stride == 1:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, in_chs, dw_kernel_size, stride, pad, groups=in_chs, bias=False),
+                nn.BatchNorm2d(in_chs),
+                nn.Conv2d(in_chs, out_chs, 1, 1, 0, bias=False),
+                nn.BatchNorm2d(out_chs),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x
+        x = self.ghost1(x)
+        if self.conv_dw is not None:
+            x = self.bn_dw(self.conv_dw(x))
+        if self.se is not None:
+            x = self.se(x)
+        x = self.ghost2(x)
+        # Out of place (the paper adds in place): a fused op may save its output for backward.
+        return x + self.shortcut(residual)

@@ -1,0 +1,142 @@
+"""The fused Ghost module ops: ``torch.library`` registration and the functional entry point.
+
+The op schemas are defined once, in C++ (csrc/ops.cpp, namespace ``ghostops``); their kernels
+register per device (csrc/cpu/...). This file holds what Python owns: the fake (meta)
+implementations that torch.compile traces with, and ``ghost_module``, which checks the
+arguments and picks the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ghostops import _ext
+from ghostops.backends import select_backend
+from ghostops.reference import ghost_channels, ghost_module_reference
+
+_LIB = "ghostops"
+
+
+def output_size(in_size: int, kernel_size: int, stride: int) -> int:
+    """Spatial size after the primary conv (padding kernel_size // 2), as Conv2d computes it."""
+    return (in_size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # Same rule as ATen's suggest_memory_format, which the C++ kernels use for their output.
+    return torch._prims_common.suggest_memory_format(x)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake(f"{_LIB}::ghost_forward_eval")
+    def _(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps, cheap_weight,
+          bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps, oup, stride, act):  # fmt: skip
+        n, _, h, w = x.shape
+        k = primary_weight.shape[-1]
+        shape = (n, oup, output_size(h, k, stride), output_size(w, k, stride))
+        return x.new_empty(shape, memory_format=_memory_format(x))
+
+
+if _ext.cpu_available():
+    _register_fakes()
+
+
+def _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride) -> None:
+    """Clear errors for bad input, whichever backend runs (the kernels check again)."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = f"a {x.dim()}-D tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"ghost_module: x must be a 4-D (N, C, H, W) tensor, got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"ghost_module: x must be a floating-point tensor, got dtype {x.dtype}")
+    if ratio < 2:
+        raise ValueError(f"ghost_module: ratio must be >= 2, got {ratio}")
+    if dw_size < 1 or dw_size % 2 == 0:
+        raise ValueError(f"ghost_module: dw_size must be odd and positive, got {dw_size}")
+    if stride < 1:
+        raise ValueError(f"ghost_module: stride must be >= 1, got {stride}")
+    init, new = ghost_channels(oup, ratio)
+    if primary_weight.dim() != 4 or primary_weight.shape[0] != init:
+        raise ValueError(
+            f"ghost_module: primary_weight must have shape ({init}, C_in, k, k) for oup={oup}, "
+            f"ratio={ratio}; got {tuple(primary_weight.shape)}"
+        )
+    if x.shape[1] != primary_weight.shape[1]:
+        raise ValueError(
+            f"ghost_module: x has {x.shape[1]} channels but primary_weight expects "
+            f"{primary_weight.shape[1]} input channels (inp)"
+        )
+    if tuple(cheap_weight.shape) != (new, 1, dw_size, dw_size):
+        raise ValueError(
+            f"ghost_module: cheap_weight must have shape ({new}, 1, {dw_size}, {dw_size}), "
+            f"got {tuple(cheap_weight.shape)}"
+        )
+    for name, t in (("primary_weight", primary_weight), ("cheap_weight", cheap_weight)):
+        if t.device != x.device:
+            raise ValueError(f"ghost_module: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"ghost_module: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+
+
+def ghost_module(
+    x: Tensor,
+    primary_weight: Tensor,
+    bn1_weight: Tensor,
+    bn1_bias: Tensor,
+    bn1_mean: Tensor | None,
+    bn1_var: Tensor | None,
+    cheap_weight: Tensor,
+    bn2_weight: Tensor,
+    bn2_bias: Tensor,
+    bn2_mean: Tensor | None,
+    bn2_var: Tensor | None,
+    *,
+    oup: int,
+    ratio: int = 2,
+    dw_size: int = 3,
+    stride: int = 1,
+    relu: bool = True,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Ghost module forward (DESIGN.md section 1), fused where a kernel covers the call.
+
+    Same arguments and semantics as ``ghostops.reference.ghost_module_reference``:
+    x (N, inp, H, W) -> (N, oup, Ho, Wo), in x's memory format.
+    """
+    _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride)
+    backend = select_backend(x.device.type)
+    params = (primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var,
+              cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var)  # fmt: skip
+    # The eval kernel has no autograd yet: a call that must be differentiated stays exact.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *params)
+    )
+    fused_eval = (
+        not training
+        and not needs_grad
+        and bn1_mean is not None
+        and bn2_mean is not None
+        and primary_weight.shape[-1] == 1
+    )
+    if backend == "cpu" and fused_eval:
+        if x.device.type != "cpu":
+            raise ValueError(f"ghost_module: the 'cpu' backend runs CPU tensors, got x on {x.device}")
+        _ext.require()
+        return torch.ops.ghostops.ghost_forward_eval(
+            x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
+            cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps,
+            oup, stride, "relu" if relu else "identity",
+        )  # fmt: skip
+    if backend in ("triton", "cuda") and backend not in _ext_gpu_backends():
+        raise RuntimeError(f"ghostops: the {backend!r} backend is not available on this machine")
+    return ghost_module_reference(
+        x, *params, oup=oup, ratio=ratio, dw_size=dw_size, stride=stride, relu=relu,
+        training=training, momentum=momentum, eps=eps,
+    )  # fmt: skip
+
+
+def _ext_gpu_backends() -> list[str]:
+    # No GPU kernels ship yet (Triton: issue 5, CUDA C++: issue 6).
+    return []
