@@ -1,11 +1,13 @@
 // Fused eval-mode Ghost module on the CPU: primary 1x1 conv + BN1 + act, depthwise cheap op +
 // BN2 + act, and the concatenation, in one pass over memory (DESIGN.md section 2).
 //
-// Work is split into tasks of (image, band of output rows). A task computes the intrinsic
-// channels of its band plus a halo of dw/2 rows above and below into a per-thread buffer that
-// stays in cache (halo rows are recomputed by both neighbours rather than re-read), writes the
-// band's intrinsic rows to y[:, :init] and runs the depthwise conv from that buffer straight
-// into y[:, init:oup]. Ghost channels beyond oup are never computed.
+// Work is split into tasks: a band of output rows of one image, or several whole images when
+// maps are small. A task computes the intrinsic channels of its band plus a halo of dw/2 rows
+// into a per-thread buffer that stays in cache (halo rows are recomputed by both neighbouring
+// bands rather than re-read), with a register-blocked GEMM over packed panels of pixels; writes
+// the intrinsic rows to y[:, :init]; and runs the depthwise conv from that buffer straight into
+// y[:, init:oup], masking taps that fall off the image. Ghost channels beyond oup are never
+// computed. Both BatchNorms are folded into the convs beforehand.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -42,33 +44,40 @@ struct EvalParams {
   GhostShape s;
   const T* x;
   T* y;
-  const T* w1;  // folded primary weight (init, inp)
+  const T* w1;  // folded primary weight (init, inp), packed by pack_weight
   const T* b1;  // folded primary bias (init)
   const T* w2;  // folded cheap weight (ghost channels, dw * dw)
   const T* b2;  // folded cheap bias
   int64_t x_sn, x_sc, x_sh, x_sw;
   int64_t y_sn, y_sc, y_sh, y_sw;
   int64_t band_rows;  // output rows per task
+  int64_t images;     // images per task (> 1 only when a band is a whole image)
 };
 
-// Register-blocked micro-kernel of the primary GEMM:
-//   c[m][j] = act(bias[m] + sum_k a[m][k] * b[k][j]),  m < MR, j < (NV - 1) * VL + last.
-// a: MR rows of the folded weight (row stride lda); b: K rows of pixels (row stride ldb).
-// The last of the NV vectors holds `last` (1..VL) pixels and is loaded and stored masked.
+// Rows per register block: 24 accumulators fit the 32 registers of AVX-512, 12 the 16 of AVX2.
+template <typename T>
+constexpr int64_t kMaxRows = Vectorized<T>::size() * sizeof(T) >= 64 ? 12 : 6;
+// Pixels per packed panel: two vectors (gemm_micro's row step).
+template <typename T>
+constexpr int64_t kPanel = 2 * Vectorized<T>::size();
+
+// Register-blocked micro-kernel of the primary GEMM, on packed operands:
+//   c[m][j] = act(bias[m] + sum_k a[k][m] * b[k][j]),  m < MR, j < (NV - 1) * VL + last.
+// a: the weight block packed k-major (MR values per k); b: a panel of pixels packed k-major
+// (kPanel elements per k, NV vectors of them used). The last vector stores `last` (1..VL) pixels.
 template <typename T, int MR, int NV, Act A>
-inline void gemm_micro(const T* a, int64_t lda, const T* bias, const T* b, int64_t ldb,
-                       int64_t K, T* c, int64_t ldc, int64_t last) {
+inline void gemm_micro(const T* a, const T* bias, const T* b, int64_t K, T* c, int64_t ldc,
+                       int64_t last) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   Vec acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Vec(bias[m]);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k, a += MR, b += kPanel<T>) {
     Vec bv[NV];
-    for (int v = 0; v < NV - 1; ++v) bv[v] = Vec::loadu(b + k * ldb + v * VL);
-    bv[NV - 1] = Vec::loadu(b + k * ldb + (NV - 1) * VL, last);
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + v * VL);
     for (int m = 0; m < MR; ++m) {
-      const Vec av(a[m * lda + k]);
+      const Vec av(a[m]);
       for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(av, bv[v], acc[m][v]);
     }
   }
@@ -78,91 +87,164 @@ inline void gemm_micro(const T* a, int64_t lda, const T* bias, const T* b, int64
   }
 }
 
-// Rows per register block: 24 accumulators fit the 32 registers of AVX-512, 12 the 16 of AVX2.
-template <typename T>
-constexpr int kMaxRows = Vectorized<T>::size() * sizeof(T) >= 64 ? 12 : 6;
+// The weight's rows split into register blocks of near-equal size: block `blk` of `blocks`
+// starts at row row_block_start(M, blk).
+inline int64_t row_blocks(int64_t M, int64_t max_rows) { return (M + max_rows - 1) / max_rows; }
+inline int64_t row_block_start(int64_t M, int64_t blocks, int64_t blk) {
+  return M / blocks * blk + std::min(blk, M % blocks);
+}
 
-// One block of MR weight rows against columns [j0, j1) of b, two vectors of pixels at a time.
-template <typename T, int MR, Act A>
-void gemm_rows(const T* a, const T* bias, int64_t K, const T* b, int64_t ldb, T* c, int64_t ldc,
-               int64_t j0, int64_t j1) {
-  constexpr int64_t VL = Vectorized<T>::size();
-  for (int64_t j = j0; j < j1; j += 2 * VL) {
-    const int64_t n = std::min(2 * VL, j1 - j);
-    if (n > VL) {
-      gemm_micro<T, MR, 2, A>(a, K, bias, b + j, ldb, K, c + j, ldc, n - VL);
-    } else {
-      gemm_micro<T, MR, 1, A>(a, K, bias, b + j, ldb, K, c + j, ldc, n);
-    }
+// Packs the folded weight (M, K) block by block, k-major inside a block: the layout
+// gemm_micro reads. Block starting at row m occupies [m * K, (m + rows) * K).
+template <typename T>
+void pack_weight(const T* w, int64_t M, int64_t K, T* packed) {
+  const int64_t blocks = row_blocks(M, kMaxRows<T>);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t m0 = row_block_start(M, blocks, blk);
+    const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < rows; ++r) packed[m0 * K + k * rows + r] = w[(m0 + r) * K + k];
   }
 }
 
-// gemm_rows for a block of `rows` (1..kMaxRows) weight rows, the count made a template argument.
-template <typename T, Act A, int MR = kMaxRows<T>>
-void gemm_rows_dispatch(int64_t rows, const T* a, const T* bias, int64_t K, const T* b,
-                        int64_t ldb, T* c, int64_t ldc, int64_t j0, int64_t j1) {
+template <typename T, Act A, int64_t MR = kMaxRows<T>>
+void gemm_block_dispatch(int64_t rows, bool two_vectors, const T* a, const T* bias,
+                         const T* panel, int64_t K, T* c, int64_t ldc, int64_t last) {
   if constexpr (MR >= 1) {
-    if (rows == MR) return gemm_rows<T, MR, A>(a, bias, K, b, ldb, c, ldc, j0, j1);
-    gemm_rows_dispatch<T, A, MR - 1>(rows, a, bias, K, b, ldb, c, ldc, j0, j1);
-  }
-}
-
-// c (M, n) = act(a (M, K) @ b (K, n) + bias): the primary conv of one band of pixels.
-// Columns go in chunks whose slice of b fits in L1; rows in register blocks of near-equal size.
-template <typename T, Act A>
-void primary_gemm(const T* a, const T* bias, int64_t M, int64_t K, const T* b, int64_t ldb,
-                  T* c, int64_t ldc, int64_t n) {
-  constexpr int64_t NB = 2 * Vectorized<T>::size();
-  const int64_t chunk = std::max<int64_t>(
-      NB, (int64_t(24 * 1024) / (std::max<int64_t>(K, 1) * int64_t(sizeof(T)))) / NB * NB);
-  const int64_t blocks = (M + kMaxRows<T> - 1) / kMaxRows<T>;
-  for (int64_t j0 = 0; j0 < n; j0 += chunk) {
-    const int64_t j1 = std::min(n, j0 + chunk);
-    for (int64_t blk = 0, m = 0; blk < blocks; ++blk) {
-      const int64_t rows = (M - m) / (blocks - blk);  // spreads the remainder evenly
-      gemm_rows_dispatch<T, A>(rows, a + m * K, bias + m, K, b, ldb, c + m * ldc, ldc, j0, j1);
-      m += rows;
+    if (rows != MR)
+      return gemm_block_dispatch<T, A, MR - 1>(rows, two_vectors, a, bias, panel, K, c, ldc,
+                                               last);
+    if (two_vectors) {
+      gemm_micro<T, MR, 2, A>(a, bias, panel, K, c, ldc, last);
+    } else {
+      gemm_micro<T, MR, 1, A>(a, bias, panel, K, c, ldc, last);
     }
   }
 }
 
-// Column masks of the depthwise conv over a band flattened to rows `width` pixels wide:
-// masks[dx * ld + i] has all bits set where tap dx of pixel i lies inside the image, else 0.
+// The pixels the primary GEMM reads, as a (K, images * npx) matrix: `images` images of `npx`
+// pixels each, contiguous within a row; rows `ld` apart, images `image_stride` apart.
 template <typename T>
-void column_masks(int64_t d, int64_t width, T* masks, int64_t ld) {
+struct PixelMatrix {
+  const T* data;
+  int64_t ld, image_stride, npx, images;
+};
+
+// Copies columns [j, j + cols) of b, all K rows, into a k-major panel of kPanel columns.
+// A panel may straddle images. Lanes past `cols` are left as they are (never stored).
+template <typename T>
+void pack_panel(const PixelMatrix<T>& b, int64_t K, int64_t j, int64_t cols, T* panel) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size(), NB = kPanel<T>;
+  for (int64_t q = j; q < j + cols;) {
+    const int64_t g = q / b.npx, px = q % b.npx;
+    const int64_t len = std::min(b.npx - px, j + cols - q);
+    const T* src = b.data + g * b.image_stride + px;
+    T* dst = panel + (q - j);
+    if (len == NB) {
+      for (int64_t k = 0; k < K; ++k, src += b.ld, dst += NB) {
+        // Dozens of channel rows stream at once, more than the hardware prefetcher follows.
+        __builtin_prefetch(src + 8 * NB);
+        __builtin_prefetch(src + 8 * NB + VL);
+        Vec::loadu(src).store(dst);
+        Vec::loadu(src + VL).store(dst + VL);
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k, src += b.ld, dst += NB)
+        for (int64_t o = 0; o < len; o += VL) {
+          const int64_t count = std::min(VL, len - o);
+          Vec::loadu(src + o, count).store(dst + o, count);
+        }
+    }
+    q += len;
+  }
+}
+
+// c (M, n) = act(w (M, K) @ b (K, n) + bias): the primary conv of one task's pixels.
+// a: the weight packed by pack_weight. Each panel of kPanel pixels is packed once into
+// `panel` (K * kPanel elements) and swept by every register block of weight rows.
+template <typename T, Act A>
+void primary_gemm(const T* a, const T* bias, int64_t M, int64_t K, const PixelMatrix<T>& b,
+                  T* c, int64_t ldc, T* panel) {
+  constexpr int64_t VL = Vectorized<T>::size(), NB = kPanel<T>;
+  const int64_t blocks = row_blocks(M, kMaxRows<T>);
+  const int64_t n = b.images * b.npx;
+  for (int64_t j = 0; j < n; j += NB) {
+    const int64_t cols = std::min(NB, n - j);
+    pack_panel(b, K, j, cols, panel);
+    const int64_t last = cols > VL ? cols - VL : cols;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t m0 = row_block_start(M, blocks, blk);
+      const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
+      gemm_block_dispatch<T, A>(rows, cols > VL, a + m0 * K, bias + m0, panel, K,
+                                c + m0 * ldc + j, ldc, last);
+    }
+  }
+}
+
+// Tap masks of the depthwise conv over output rows [row0, row0 + rows) of an image of
+// (height, width), flattened; `ld` (a multiple of the vector size) entries each.
+// col[dx * ld + i] / row[dy * ld + i] have all bits set where tap (dy, dx) of pixel i lies
+// inside the image, else 0.
+template <typename T>
+void tap_masks(int64_t d, int64_t row0, int64_t rows, int64_t height, int64_t width, T* col,
+               T* row, int64_t ld) {
   T ones;
   std::memset(&ones, 0xFF, sizeof(T));
   const int64_t h = d / 2;
-  for (int64_t dx = 0; dx < d; ++dx)
-    for (int64_t i = 0; i < ld; ++i) {
-      const int64_t col = i % width + dx - h;
-      masks[dx * ld + i] = (col >= 0 && col < width) ? ones : T(0);
+  for (int64_t t = 0; t < d; ++t)
+    for (int64_t i = 0, r = row0, c = 0; i < ld; ++i) {
+      col[t * ld + i] = (c + t - h >= 0 && c + t - h < width) ? ones : T(0);
+      row[t * ld + i] = (r + t - h >= 0 && r + t - h < height && r < row0 + rows) ? ones : T(0);
+      if (++c == width) c = 0, ++r;
     }
 }
 
-// dst (total pixels) = act(bias + depthwise d x d conv of src), src holding the band's rows
-// plus h halo rows above and below, `width` pixels each (rows outside the image are zero).
-// Vectors run over the flattened band, so a tap left or right of the image reads the
-// neighbouring row: the column masks zero it. src needs h readable elements before it and a
-// vector's worth after it; masks need `total` rounded up to whole vectors.
-template <typename T, Act A, int D>
-void depthwise_band(const T* src, const T* w, T bias, int64_t d_runtime, int64_t total,
-                    int64_t width, const T* masks, int64_t mask_ld, T* dst) {
+// dst[i] = act(bias + depthwise d x d conv of src around pixel i), i in [begin, end) of a
+// band flattened row by row (`width` pixels a row). Vectors run over the flattened band, so
+// taps off the image's left or right edge read the neighbouring row and taps above or below
+// it read whatever lies there: the masks zero both (ROW_MASKS: rows near the image's top or
+// bottom edge; elsewhere every row tap is inside). src must be readable h rows + h elements
+// before and after the band, plus a vector's worth.
+template <typename T, Act A, int D, bool ROW_MASKS>
+void depthwise_range(const T* src, const T* w, T bias, int64_t d_runtime, int64_t width,
+                     const T* col_masks, const T* row_masks, int64_t mask_ld, int64_t begin,
+                     int64_t end, T* dst) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const int64_t d = D > 0 ? D : d_runtime;
   const int64_t h = d / 2;
-  for (int64_t i = 0; i < total; i += VL) {
-    const T* p = src + i - h;
+  for (int64_t i = begin; i < end; i += VL) {
+    const T* p = src + i - h * width - h;
     Vec acc(bias);
     for (int64_t dx = 0; dx < d; ++dx) {
       Vec tap(T(0));
-      for (int64_t dy = 0; dy < d; ++dy)
-        tap = at::vec::fmadd(Vec(w[dy * d + dx]), Vec::loadu(p + dy * width + dx), tap);
-      acc = acc + (dx == h ? tap : tap & Vec::loadu(masks + dx * mask_ld + i));
+      for (int64_t dy = 0; dy < d; ++dy) {
+        Vec v = Vec::loadu(p + dy * width + dx);
+        if (ROW_MASKS && dy != h) v = v & Vec::loadu(row_masks + dy * mask_ld + i);
+        tap = at::vec::fmadd(Vec(w[dy * d + dx]), v, tap);
+      }
+      acc = acc + (dx == h ? tap : tap & Vec::loadu(col_masks + dx * mask_ld + i));
     }
-    activate_vec<A>(acc).store(dst + i, std::min(VL, total - i));
+    activate_vec<A>(acc).store(dst + i, std::min(VL, end - i));
   }
+}
+
+// One ghost channel of one image's band (`total` = rows * width pixels): the rows whose taps
+// can leave the image (top_rows at the start, bottom_rows at the end) run with row masks.
+template <typename T, Act A, int D>
+void depthwise_band(const T* src, const T* w, T bias, int64_t d, int64_t width, int64_t total,
+                    int64_t top_rows, int64_t bottom_rows, const T* col_masks,
+                    const T* row_masks, int64_t mask_ld, T* dst) {
+  constexpr int64_t VL = Vectorized<T>::size();
+  const int64_t a = std::min(total, (top_rows * width + VL - 1) / VL * VL);
+  const int64_t b = std::max(a, (total - bottom_rows * width) / VL * VL);
+  depthwise_range<T, A, D, true>(src, w, bias, d, width, col_masks, row_masks, mask_ld, 0, a,
+                                 dst);
+  depthwise_range<T, A, D, false>(src, w, bias, d, width, col_masks, row_masks, mask_ld, a, b,
+                                  dst);
+  depthwise_range<T, A, D, true>(src, w, bias, d, width, col_masks, row_masks, mask_ld, b,
+                                 total, dst);
 }
 
 // Writes `channels` planes of (rows, width) pixels, plane stride `ld` in src, to dst with the
@@ -215,84 +297,99 @@ T* scratch(int64_t elements) {
   return buffer.data();
 }
 
+// One task: output rows [row0, row0 + rows) of images [n0, n0 + images). Several images go
+// together only when each is whole (row0 == 0, rows == out_h): small maps then fill the
+// GEMM's vectors across image boundaries instead of leaving the tail of each image half empty.
 template <typename T, Act A>
-void eval_band(const EvalParams<T>& p, int64_t n, int64_t row0) {
+void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
   const GhostShape& s = p.s;
   const int64_t h = s.dw / 2, wo = s.out_w, ho = s.out_h;
   const int64_t rows = std::min(p.band_rows, ho - row0);
-  const int64_t buf_rows = rows + 2 * h;  // buffer row r is output row row0 - h + r
   const int64_t lo = std::max<int64_t>(row0 - h, 0), hi = std::min(row0 + rows + h, ho);
-  const int64_t plane = buf_rows * wo + 2 * h;  // h spare elements at each end
+  const int64_t npx = (hi - lo) * wo;   // intrinsic pixels computed per image (band + halo)
+  const int64_t total = rows * wo;      // output pixels per image
+  const int64_t margin = h * wo + h;    // readable slack around each channel's pixels
+  const int64_t plane = images * npx + 2 * margin + VL;
   const bool y_rows_contiguous = p.y_sw == 1 && p.y_sh == wo;
   const bool x_rows_contiguous = s.stride == 1 && p.x_sw == 1 && p.x_sh == s.width;
-  const int64_t pixels = (hi - lo) * wo;
+  const int64_t mask_ld = (total + VL - 1) / VL * VL;
 
-  constexpr int64_t VL = Vectorized<T>::size();
-  const int64_t mask_ld = (rows * wo + VL - 1) / VL * VL;
-  const int64_t intr_elems = s.init * plane + VL;  // + the depthwise's overreach past the end
-  const int64_t pack_elems = x_rows_contiguous ? 0 : s.inp * pixels;
-  const int64_t ghost_elems = y_rows_contiguous ? 0 : s.ghost * rows * wo;
-  T* intr = scratch<T>(intr_elems + pack_elems + ghost_elems + s.dw * mask_ld);
+  const int64_t intr_elems = s.init * plane;
+  const int64_t pack_elems = x_rows_contiguous ? 0 : s.inp * images * npx;
+  const int64_t ghost_elems = y_rows_contiguous ? 0 : s.ghost * total;
+  const int64_t mask_elems = 2 * s.dw * mask_ld;
+  T* intr = scratch<T>(intr_elems + pack_elems + ghost_elems + mask_elems + s.inp * kPanel<T>);
   T* pack = intr + intr_elems;
   T* ghost_buf = pack + pack_elems;
-  T* masks = ghost_buf + ghost_elems;
+  T* col_masks = ghost_buf + ghost_elems;
+  T* row_masks = col_masks + s.dw * mask_ld;
+  T* panel = row_masks + s.dw * mask_ld;
 
-  // The pixels of rows [lo, hi) as a (inp, pixels) matrix: x itself, or packed when strided.
-  const T* xn = p.x + n * p.x_sn;
-  const T* b = xn + lo * s.stride * p.x_sh;
-  int64_t ldb = p.x_sc;
+  // The input pixels of rows [lo, hi): x itself, or gathered when strided or channels_last.
+  PixelMatrix<T> b{p.x + n0 * p.x_sn + lo * p.x_sh, p.x_sc, p.x_sn, npx, images};
   if (!x_rows_contiguous) {
-    if (p.x_sc == 1) {  // channels_last: transpose pixel-major rows into channel planes
-      for (int64_t r = lo; r < hi; ++r)
-        for (int64_t col = 0; col < wo; ++col) {
-          const T* in = xn + r * s.stride * p.x_sh + col * s.stride * p.x_sw;
-          T* out = pack + (r - lo) * wo + col;
-          for (int64_t k = 0; k < s.inp; ++k) out[k * pixels] = in[k];
-        }
-    } else {
-      for (int64_t k = 0; k < s.inp; ++k)
-        for (int64_t r = lo; r < hi; ++r) {
-          const T* in = xn + k * p.x_sc + r * s.stride * p.x_sh;
-          T* out = pack + k * pixels + (r - lo) * wo;
-          for (int64_t col = 0; col < wo; ++col) out[col] = in[col * s.stride * p.x_sw];
-        }
+    for (int64_t g = 0; g < images; ++g) {
+      const T* xn = p.x + (n0 + g) * p.x_sn;
+      T* out_g = pack + g * npx;
+      const int64_t ld = images * npx;
+      if (p.x_sc == 1) {  // channels_last: transpose pixel-major rows into channel rows
+        for (int64_t r = lo; r < hi; ++r)
+          for (int64_t col = 0; col < wo; ++col) {
+            const T* in = xn + r * s.stride * p.x_sh + col * s.stride * p.x_sw;
+            T* out = out_g + (r - lo) * wo + col;
+            for (int64_t k = 0; k < s.inp; ++k) out[k * ld] = in[k];
+          }
+      } else {
+        for (int64_t k = 0; k < s.inp; ++k)
+          for (int64_t r = lo; r < hi; ++r) {
+            const T* in = xn + k * p.x_sc + r * s.stride * p.x_sh;
+            T* out = out_g + k * ld + (r - lo) * wo;
+            for (int64_t col = 0; col < wo; ++col) out[col] = in[col * s.stride * p.x_sw];
+          }
+      }
     }
-    b = pack;
-    ldb = pixels;
+    b = PixelMatrix<T>{pack, images * npx, npx, npx, images};
   }
 
-  // Intrinsic channels of the band and its halo; rows outside the image are zero padding.
-  T* first_row = intr + h;
-  const int64_t pad_top = (lo - (row0 - h)) * wo, pad_bottom = (row0 + rows + h - hi) * wo;
-  for (int64_t c = 0; c < s.init; ++c) {
-    std::fill_n(first_row + c * plane, pad_top, T(0));
-    std::fill_n(first_row + c * plane + pad_top + pixels, pad_bottom, T(0));
-  }
-  primary_gemm<T, A>(p.w1, p.b1, s.init, s.inp, b, ldb, first_row + pad_top, plane, pixels);
+  // Intrinsic channels of every image's band and halo, image after image in each channel row.
+  T* intr0 = intr + margin;
+  primary_gemm<T, A>(p.w1, p.b1, s.init, s.inp, b, intr0, plane, panel);
 
-  T* yb = p.y + n * p.y_sn + row0 * p.y_sh;
-  store_planes(first_row + h * wo, plane, s.init, rows, wo, yb, p.y_sc, p.y_sh, p.y_sw);
-
-  // Ghost channels: ghost j is the depthwise conv of intrinsic j / (ratio - 1).
-  column_masks(s.dw, wo, masks, mask_ld);
-  for (int64_t j = 0; j < s.ghost; ++j) {
-    const T* src = first_row + (j / (s.ratio - 1)) * plane;
-    T* dst = y_rows_contiguous ? yb + (s.init + j) * p.y_sc : ghost_buf + j * rows * wo;
-    const T* w = p.w2 + j * s.dw * s.dw;
-    if (s.dw == 3) {
-      depthwise_band<T, A, 3>(src, w, p.b2[j], 3, rows * wo, wo, masks, mask_ld, dst);
-    } else {
-      depthwise_band<T, A, 0>(src, w, p.b2[j], s.dw, rows * wo, wo, masks, mask_ld, dst);
+  tap_masks(s.dw, row0, rows, ho, wo, col_masks, row_masks, mask_ld);
+  const int64_t top_rows = std::clamp<int64_t>(h - row0, 0, rows);
+  const int64_t bottom_rows = std::clamp<int64_t>(row0 + rows + h - ho, 0, rows);
+  for (int64_t g = 0; g < images; ++g) {
+    const T* band = intr0 + g * npx + (row0 - lo) * wo;  // output row row0 of image g
+    T* yb = p.y + (n0 + g) * p.y_sn + row0 * p.y_sh;
+    store_planes(band, plane, s.init, rows, wo, yb, p.y_sc, p.y_sh, p.y_sw);
+    // Ghost channels: ghost j is the depthwise conv of intrinsic j / (ratio - 1).
+    for (int64_t j = 0; j < s.ghost; ++j) {
+      const T* src = band + (j / (s.ratio - 1)) * plane;
+      T* dst = y_rows_contiguous ? yb + (s.init + j) * p.y_sc : ghost_buf + j * total;
+      const T* w = p.w2 + j * s.dw * s.dw;
+      if (s.dw == 3) {
+        depthwise_band<T, A, 3>(src, w, p.b2[j], 3, wo, total, top_rows, bottom_rows,
+                                col_masks, row_masks, mask_ld, dst);
+      } else {
+        depthwise_band<T, A, 0>(src, w, p.b2[j], s.dw, wo, total, top_rows, bottom_rows,
+                                col_masks, row_masks, mask_ld, dst);
+      }
     }
+    if (!y_rows_contiguous)
+      store_planes<T>(ghost_buf, total, s.ghost, rows, wo, yb + s.init * p.y_sc, p.y_sc,
+                      p.y_sh, p.y_sw);
   }
-  if (!y_rows_contiguous)
-    store_planes<T>(ghost_buf, rows * wo, s.ghost, rows, wo, yb + s.init * p.y_sc, p.y_sc,
-                    p.y_sh, p.y_sw);
 }
 
-// Output rows per task: the band's intrinsic buffer should stay in L2, and there should be
-// enough tasks to keep every thread busy.
-int64_t choose_band_rows(const GhostShape& s, int64_t elem_size) {
+// How work is split: output rows per band, and images per task when bands are whole images.
+struct TaskSplit {
+  int64_t band_rows, images;
+};
+
+// A task's buffers should stay in L2, and there should be enough tasks for every thread.
+TaskSplit choose_split(const GhostShape& s, int64_t elem_size, int64_t vector_size) {
   const int64_t h = s.dw / 2;
   const int64_t bytes_per_row = (s.init + s.inp + s.ghost) * s.out_w * elem_size;
   const int64_t budget = 512 * 1024;
@@ -301,15 +398,28 @@ int64_t choose_band_rows(const GhostShape& s, int64_t elem_size) {
   const int64_t threads = at::get_num_threads();
   const int64_t bands_wanted = (threads + s.batch - 1) / s.batch;
   if (bands_wanted > 1) rows = std::min(rows, (s.out_h + bands_wanted - 1) / bands_wanted);
-  return std::max<int64_t>(rows, 1);
+  rows = std::max<int64_t>(rows, 1);
+  int64_t images = 1;
+  if (rows == s.out_h) {
+    // Enough pixels per task to fill 16 GEMM panels, within the budget, and >= 4 tasks a thread.
+    const int64_t pixels = s.out_h * s.out_w;
+    const int64_t wanted = (16 * 2 * vector_size + pixels - 1) / pixels;
+    const int64_t fit = budget / std::max<int64_t>(bytes_per_row * s.out_h, 1);
+    const int64_t spread = s.batch / (4 * threads);
+    images = std::max<int64_t>(1, std::min({wanted, fit, spread}));
+  }
+  return {rows, images};
 }
 
 template <typename T, Act A>
 void eval_run(const EvalParams<T>& p) {
   const int64_t bands = (p.s.out_h + p.band_rows - 1) / p.band_rows;
-  at::parallel_for(0, p.s.batch * bands, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      eval_band<T, A>(p, task / bands, (task % bands) * p.band_rows);
+  const int64_t groups = (p.s.batch + p.images - 1) / p.images;
+  at::parallel_for(0, groups * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = (task / bands) * p.images;
+      eval_task<T, A>(p, n0, std::min(p.images, p.s.batch - n0), (task % bands) * p.band_rows);
+    }
   });
 }
 
@@ -337,16 +447,19 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
   advise_huge_pages(y.mutable_data_ptr(), y.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward_eval_cpu", [&] {
-    EvalParams<scalar_t> p{s,
-                           x.const_data_ptr<scalar_t>(),
-                           y.mutable_data_ptr<scalar_t>(),
-                           w1.const_data_ptr<scalar_t>(),
-                           b1.const_data_ptr<scalar_t>(),
-                           w2.const_data_ptr<scalar_t>(),
-                           b2.const_data_ptr<scalar_t>(),
-                           x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-                           y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-                           choose_band_rows(s, sizeof(scalar_t))};
+    at::Tensor w1_packed = at::empty_like(w1);
+    pack_weight(w1.const_data_ptr<scalar_t>(), s.init, s.inp, w1_packed.mutable_data_ptr<scalar_t>());
+    const TaskSplit split = choose_split(s, sizeof(scalar_t), Vectorized<scalar_t>::size());
+    const EvalParams<scalar_t> p{s,
+                                 x.const_data_ptr<scalar_t>(),
+                                 y.mutable_data_ptr<scalar_t>(),
+                                 w1_packed.const_data_ptr<scalar_t>(),
+                                 b1.const_data_ptr<scalar_t>(),
+                                 w2.const_data_ptr<scalar_t>(),
+                                 b2.const_data_ptr<scalar_t>(),
+                                 x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                                 y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+                                 split.band_rows, split.images};
     if (activation == Act::ReLU) {
       eval_run<scalar_t, Act::ReLU>(p);
     } else {
