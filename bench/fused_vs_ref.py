@@ -81,7 +81,7 @@ TOLERANCES = {
 # cuDNN runs float32 convs in TF32 by default (torch.backends.cudnn.allow_tf32).
 CUDA_FLOAT32_TOLERANCE = Tolerance(2e-3, 2e-3, 1e-2)
 
-FULL = {"batches": (1, 32), "shapes": None, "min_run_time": 1.0, "model_batches": (1, 32)}
+FULL = {"batches": (1, 32), "shapes": None, "min_run_time": 0.5, "model_batches": (1, 32)}
 QUICK = {"batches": (1, 8), "shapes": 6, "min_run_time": 0.1, "model_batches": (1,)}
 
 
@@ -505,7 +505,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shapes", type=int, help="time N of the unique shapes, evenly spread over the network"
     )
     p.add_argument(
-        "--min-run-time", type=float, help="seconds per timing (default 1.0; quick: 0.1)"
+        "--min-run-time", type=float, help="seconds per timing (default 0.5; quick: 0.1)"
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: torch.get_num_threads())")
     p.add_argument("--no-model", action="store_true", help="skip the whole-GhostNet timing")

@@ -27,7 +27,9 @@ def require():
     """The compiled extension, or a RuntimeError that says how to build it."""
     module, error = _load()
     if module is None:
-        raise RuntimeError(f"ghostops: the compiled extension ghostops._C is missing ({error}); {BUILD_HINT}")
+        raise RuntimeError(
+            f"ghostops: the compiled extension ghostops._C is missing ({error}); {BUILD_HINT}"
+        )
     return module
 
 

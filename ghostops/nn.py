@@ -25,7 +25,9 @@ class GhostModule(nn.Module):
         if dw_size < 1 or dw_size % 2 == 0:
             raise ValueError(f"GhostModule: dw_size must be odd and positive, got {dw_size}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"GhostModule: kernel_size must be odd and positive, got {kernel_size}")
+            raise ValueError(
+                f"GhostModule: kernel_size must be odd and positive, got {kernel_size}"
+            )
         self.inp, self.oup, self.ratio = inp, oup, ratio
         self.kernel_size, self.dw_size, self.stride, self.relu = kernel_size, dw_size, stride, relu
         init, new = ghost_channels(oup, ratio)

@@ -389,9 +389,12 @@ struct TaskSplit {
 };
 
 // A task's buffers should stay in L2, and there should be enough tasks for every thread.
-TaskSplit choose_split(const GhostShape& s, int64_t elem_size, int64_t vector_size) {
+TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int64_t elem_size,
+                       int64_t vector_size) {
   const int64_t h = s.dw / 2;
-  const int64_t bytes_per_row = (s.init + s.inp + s.ghost) * s.out_w * elem_size;
+  // Per output row: intrinsic rows, plus gathered input rows and buffered ghost rows if any.
+  const int64_t channels = s.init + (x_packed ? s.inp : 0) + (y_buffered ? s.ghost : 0);
+  const int64_t bytes_per_row = channels * s.out_w * elem_size;
   const int64_t budget = 512 * 1024;
   int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(bytes_per_row, 1) - 2 * h, 1,
                                      s.out_h);
@@ -449,7 +452,10 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward_eval_cpu", [&] {
     at::Tensor w1_packed = at::empty_like(w1);
     pack_weight(w1.const_data_ptr<scalar_t>(), s.init, s.inp, w1_packed.mutable_data_ptr<scalar_t>());
-    const TaskSplit split = choose_split(s, sizeof(scalar_t), Vectorized<scalar_t>::size());
+    const bool x_packed = !(stride == 1 && x.stride(3) == 1 && x.stride(2) == s.width);
+    const bool y_buffered = !(y.stride(3) == 1 && y.stride(2) == s.out_w);
+    const TaskSplit split = choose_split(s, x_packed, y_buffered, sizeof(scalar_t),
+                                         Vectorized<scalar_t>::size());
     const EvalParams<scalar_t> p{s,
                                  x.const_data_ptr<scalar_t>(),
                                  y.mutable_data_ptr<scalar_t>(),

@@ -16,6 +16,8 @@ import os
 import threading
 import warnings
 
+import torch
+
 from ghostops import _ext
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -65,9 +67,19 @@ def available_backends() -> list[str]:
 _warned_fallback = False
 
 
+@torch.compiler.assume_constant_result
 def select_backend(device_type: str) -> str:
-    """The backend that will run a Ghost module on tensors of ``device_type``."""
+    """The backend that will run a Ghost module on tensors of ``device_type``.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph."""
     forced = forced_backend()
+    if forced == "cpu" and not _ext.cpu_available():
+        _ext.require()  # raises, saying how to build
+    if forced in ("triton", "cuda") and forced not in available_backends():
+        raise RuntimeError(
+            f"ghostops: the {forced!r} backend was asked for but is not available here "
+            f"(available: {available_backends()})"
+        )
     if forced is not None:
         return forced
     if device_type == "cpu":

@@ -1,0 +1,357 @@
+"""The fused eval op (ghostops::ghost_forward_eval, C++ CPU kernel) against the float64
+reference, plus opcheck, torch.compile, backend choice and argument errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import ghostops
+from ghostops import _ext
+from ghostops.reference import ReferenceGhostModule, ghost_channels, ghost_module_reference
+
+pytestmark = pytest.mark.skipif(
+    not _ext.cpu_available(), reason="the compiled extension is not built"
+)
+SHAPES_FILE = Path(__file__).resolve().parents[2] / "shared" / "ghostnet_module_shapes.json"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every fresh tensor, the kernel's output included, starts as NaN: an element the kernel
+    fails to write cannot pass for a right answer."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@dataclass(frozen=True)
+class Case:
+    inp: int
+    oup: int
+    height: int
+    width: int
+    batch: int = 2
+    ratio: int = 2
+    dw_size: int = 3
+    stride: int = 1
+    relu: bool = True
+    channels_last: bool = False
+    strided_input: bool = False  # x a non-contiguous view
+
+    def __str__(self):
+        return (
+            f"{self.inp}->{self.oup}@{self.batch}x{self.height}x{self.width}"
+            f"-r{self.ratio}-d{self.dw_size}-s{self.stride}-{'relu' if self.relu else 'id'}"
+            f"{'-cl' if self.channels_last else ''}{'-view' if self.strided_input else ''}"
+        )
+
+
+def make_args(case: Case, dtype=torch.float32, seed=0):
+    """Fresh random input and parameters (BN statistics far from identity)."""
+    g = torch.Generator().manual_seed(seed)
+    init, new = ghost_channels(case.oup, case.ratio)
+
+    def rnd(*shape, positive=False):
+        t = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
+        return t.to(dtype)
+
+    if case.strided_input:  # every other column and a channel slice of a larger tensor
+        x = rnd(case.batch, case.inp + 3, case.height, 2 * case.width)[:, 1 : case.inp + 1, :, ::2]
+    else:
+        x = rnd(case.batch, case.inp, case.height, case.width)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = (
+        rnd(init, case.inp, 1, 1),
+        rnd(init, positive=True),
+        rnd(init),
+        rnd(init),
+        rnd(init, positive=True),
+        rnd(new, 1, case.dw_size, case.dw_size),
+        rnd(new, positive=True),
+        rnd(new),
+        rnd(new),
+        rnd(new, positive=True),
+    )
+    return x, params
+
+
+def run_fused(case: Case, x, params, eps=1e-5):
+    p = params
+    return torch.ops.ghostops.ghost_forward_eval(
+        x, p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], p[8], p[9], eps,
+        case.oup, case.stride, "relu" if case.relu else "identity",
+    )  # fmt: skip
+
+
+def run_reference(case: Case, x, params, eps=1e-5):
+    return ghost_module_reference(
+        x.double(), *(t.double() for t in params), oup=case.oup, ratio=case.ratio,
+        dw_size=case.dw_size, stride=case.stride, relu=case.relu, eps=eps,
+    )  # fmt: skip
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def ghostnet_cases() -> list[Case]:
+    """The unique GhostNet-1.0x module shapes, spatial size reduced to keep the suite fast."""
+    shapes = json.loads(SHAPES_FILE.read_text())["widths"]["1.0"]
+    unique = dict.fromkeys(tuple(s) for s in shapes)
+    return [Case(i, o, min(h, 29), min(w, 23), batch=2, relu=r) for i, o, h, w, r in unique]
+
+
+EDGE_CASES = [
+    Case(5, 7, 9, 11, ratio=2),  # odd oup: the last ghost channel is never computed
+    Case(6, 10, 13, 5, ratio=3, dw_size=5),
+    Case(4, 9, 6, 7, ratio=4, dw_size=7, relu=False),
+    Case(3, 8, 1, 1),  # 1x1 maps
+    Case(3, 8, 1, 1, dw_size=7),
+    Case(8, 12, 1, 9, dw_size=5),  # one row
+    Case(8, 12, 9, 1, dw_size=5),  # one column
+    Case(7, 9, 15, 17, stride=2),
+    Case(7, 9, 16, 16, stride=2, dw_size=1),
+    Case(12, 11, 10, 9, stride=3, ratio=3),
+    Case(16, 16, 11, 13, batch=1),
+    Case(1, 2, 5, 5),  # one input channel, one intrinsic channel
+    Case(40, 60, 7, 7, batch=17),  # whole small images grouped per task, odd batch
+    Case(20, 24, 3, 4, batch=33, relu=False),
+    Case(64, 64, 70, 20, batch=1),  # several bands per image: halo rows shared
+    Case(9, 17, 2, 3, batch=5, ratio=5, dw_size=3),
+    Case(10, 20, 12, 12, batch=0),  # empty batch
+]
+LAYOUT_CASES = [
+    dataclass_replace
+    for base in (Case(6, 10, 9, 11), Case(7, 9, 15, 17, stride=2), Case(40, 60, 7, 7, batch=9))
+    for dataclass_replace in (
+        Case(**{**base.__dict__, "channels_last": True}),
+        Case(**{**base.__dict__, "strided_input": True}),
+        Case(**{**base.__dict__, "channels_last": True, "dw_size": 5, "ratio": 3}),
+    )
+]
+ALL_CASES = ghostnet_cases() + EDGE_CASES + LAYOUT_CASES
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_eval_matches_reference(case, dtype):
+    x, params = make_args(case, dtype, seed=hash(str(case)) % 1000)
+    out = run_fused(case, x, params)
+    ref = run_reference(case, x, params)
+    assert out.shape == ref.shape and out.dtype == dtype
+    if ref.numel() == 0:
+        return
+    assert not out.isnan().any(), "the kernel left elements unwritten"
+    assert rel_err(out, ref) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize(
+    "case", [Case(6, 10, 9, 11, channels_last=True), Case(6, 10, 9, 11)], ids=str
+)
+def test_output_follows_input_memory_format(case):
+    x, params = make_args(case)
+    out = run_fused(case, x, params)
+    want = torch.channels_last if case.channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=want)
+
+
+def test_eps_is_honoured():
+    case = Case(6, 10, 5, 5)
+    x, params = make_args(case, torch.float64)
+    out = run_fused(case, x, params, eps=0.3)
+    assert rel_err(out, run_reference(case, x, params, eps=0.3)) < 1e-12
+    assert rel_err(out, run_reference(case, x, params, eps=1e-5)) > 1e-3
+
+
+@pytest.mark.parametrize("case", [Case(6, 10, 9, 11), Case(5, 7, 4, 6, stride=2, ratio=3,
+                                  channels_last=True)], ids=str)  # fmt: skip
+def test_opcheck(case):
+    x, params = make_args(case)
+    p = params
+    args = (x, p[0], p[1], p[2], p[3], p[4], 1e-5, p[5], p[6], p[7], p[8], p[9], 1e-5,
+            case.oup, case.stride, "relu")  # fmt: skip
+    torch.library.opcheck(torch.ops.ghostops.ghost_forward_eval.default, args)
+
+
+def _module_pair(inp, oup, **kw):
+    ref = ReferenceGhostModule(inp, oup, **kw)
+    with torch.no_grad():
+        for bn in (ref.primary_conv[1], ref.cheap_operation[1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 1.5)
+    ours = ghostops.GhostModule(inp, oup, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref.eval(), ours.eval()
+
+
+def test_module_eval_uses_fused_kernel_and_matches():
+    ref, ours = _module_pair(12, 20, dw_size=5, ratio=3)
+    x = torch.randn(3, 12, 10, 9)
+    with torch.no_grad():
+        with torch.autograd.profiler.profile() as prof:
+            out = ours(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    assert any("ghostops::ghost_forward_eval" in e.name for e in prof.function_events)
+
+
+def test_module_with_grad_enabled_stays_differentiable():
+    ref, ours = _module_pair(6, 8)
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    out = ours(x)
+    out.sum().backward()
+    assert x.grad is not None and ours.primary_conv[0].weight.grad is not None
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_module_fullgraph():
+    _, ours = _module_pair(16, 24)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), ours(x))
+
+
+def test_compile_ghostnet_fullgraph():
+    torch.manual_seed(0)
+    net = ghostops.models.ghostnet(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        compiled = torch.compile(net, fullgraph=True)
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+# --- backend choice -------------------------------------------------------------------------
+
+
+def test_backend_context_manager_and_env(monkeypatch):
+    from ghostops.backends import select_backend
+
+    assert select_backend("cpu") == "cpu"
+    with ghostops.use_backend("reference"):
+        assert select_backend("cpu") == "reference"
+        with ghostops.use_backend("cpu"):
+            assert select_backend("cpu") == "cpu"
+    monkeypatch.setenv("GHOSTOPS_BACKEND", "reference")
+    assert select_backend("cpu") == "reference"
+    monkeypatch.setenv("GHOSTOPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="GHOSTOPS_BACKEND"):
+        select_backend("cpu")
+    with pytest.raises(ValueError, match="unknown ghostops backend"):
+        with ghostops.use_backend("fast"):
+            pass
+
+
+def test_reference_backend_gives_the_same_answer():
+    ref, ours = _module_pair(8, 12)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        fused = ours(x)
+        with ghostops.use_backend("reference"):
+            torch.testing.assert_close(ours(x), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_gpu_backend_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _, ours = _module_pair(8, 12)
+    with ghostops.use_backend("triton"), pytest.raises(RuntimeError, match="not available"):
+        ours(torch.randn(1, 8, 4, 4))
+
+
+def test_missing_extension_message(monkeypatch):
+    monkeypatch.setattr(_ext, "_load", lambda: (None, "ImportError: no _C"))
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        _ext.require()
+    with ghostops.use_backend("cpu"), pytest.raises(RuntimeError, match="missing"):
+        ghostops.backends.select_backend("cpu")
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_input_errors_name_the_argument():
+    m = ghostops.GhostModule(8, 12).eval()
+    with pytest.raises(ValueError, match=r"8 channels \(inp\), got 5"):
+        m(torch.randn(1, 5, 4, 4))
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(8, 4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.ones(1, 8, 4, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(1, 8, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="on meta"):
+        m(torch.randn(1, 8, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="ratio must be >= 2"):
+        ghostops.GhostModule(8, 12, ratio=1)
+    with pytest.raises(ValueError, match="dw_size must be odd"):
+        ghostops.GhostModule(8, 12, dw_size=4)
+
+
+def test_op_checks_its_arguments():
+    case = Case(6, 10, 5, 5)
+    x, p = make_args(case)
+    with pytest.raises(RuntimeError, match="oup=11 does not match"):
+        run_fused(Case(6, 11, 5, 5), x, p)
+    with pytest.raises(RuntimeError, match="bn2_var must have shape"):
+        run_fused(case, x, (*p[:9], p[9][:-1]))
+    with pytest.raises(RuntimeError, match="x has 5 channels"):
+        run_fused(case, x[:, :5], p)
+    with pytest.raises(RuntimeError, match="act must be 'relu' or 'identity'"):
+        torch.ops.ghostops.ghost_forward_eval(
+            x, p[0], p[1], p[2], p[3], p[4], 1e-5, p[5], p[6], p[7], p[8], p[9], 1e-5, 10, 1,
+            "gelu",
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        run_fused(case, x.half(), tuple(t.half() for t in p))
+
+
+# --- training mode and BatchNorm semantics (reference path until the fused training op) -----
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_matches_reference_module(momentum):
+    ref, ours = _module_pair(6, 10, ratio=3)
+    for m in (ref, ours):
+        m.train()
+        for bn in (m.primary_conv[1], m.cheap_operation[1]):
+            bn.momentum = momentum
+    for step in range(3):
+        x = torch.randn(4, 6, 7, 5, generator=torch.Generator().manual_seed(step))
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_state_dict_has_the_papers_keys():
+    keys = set(ghostops.GhostModule(8, 12).state_dict())
+    assert keys == set(ReferenceGhostModule(8, 12).state_dict())
+    assert {"primary_conv.0.weight", "cheap_operation.1.num_batches_tracked"} <= keys
+
+
+@pytest.mark.parametrize("kernel_size", [3])
+def test_primary_kernel_larger_than_one_runs_the_reference(kernel_size):
+    ref, ours = _module_pair(6, 10, kernel_size=kernel_size, stride=2)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_of_configs_all_dims():
+    """A sweep over ratio x dw_size x stride x relu on one odd shape, float64."""
+    for ratio, d, s, relu in itertools.product([2, 3], [1, 3, 5, 7], [1, 2], [True, False]):
+        case = Case(5, 11, 8, 7, batch=3, ratio=ratio, dw_size=d, stride=s, relu=relu)
+        x, params = make_args(case, torch.float64, seed=ratio * 100 + d * 10 + s)
+        out = run_fused(case, x, params)
+        assert rel_err(out, run_reference(case, x, params)) < 1e-12, str(case)
