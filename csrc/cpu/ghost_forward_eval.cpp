@@ -52,6 +52,8 @@ struct EvalParams {
   int64_t y_sn, y_sc, y_sh, y_sw;
   int64_t band_rows;  // output rows per task
   int64_t images;     // images per task (> 1 only when a band is a whole image)
+  bool x_packed;      // x's rows are strided or channels_last: gathered before the GEMM
+  bool y_buffered;    // y's rows are not contiguous: ghost rows go through a buffer
 };
 
 // Rows per register block: 24 accumulators fit the 32 registers of AVX-512, 12 the 16 of AVX2.
@@ -312,8 +314,8 @@ void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0)
   const int64_t total = rows * wo;      // output pixels per image
   const int64_t margin = h * wo + h;    // readable slack around each channel's pixels
   const int64_t plane = images * npx + 2 * margin + VL;
-  const bool y_rows_contiguous = p.y_sw == 1 && p.y_sh == wo;
-  const bool x_rows_contiguous = s.stride == 1 && p.x_sw == 1 && p.x_sh == s.width;
+  const bool y_rows_contiguous = !p.y_buffered;
+  const bool x_rows_contiguous = !p.x_packed;
   const int64_t mask_ld = (total + VL - 1) / VL * VL;
 
   const int64_t intr_elems = s.init * plane;
@@ -451,7 +453,8 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward_eval_cpu", [&] {
     at::Tensor w1_packed = at::empty_like(w1);
-    pack_weight(w1.const_data_ptr<scalar_t>(), s.init, s.inp, w1_packed.mutable_data_ptr<scalar_t>());
+    pack_weight(w1.const_data_ptr<scalar_t>(), s.init, s.inp,
+                w1_packed.mutable_data_ptr<scalar_t>());
     const bool x_packed = !(stride == 1 && x.stride(3) == 1 && x.stride(2) == s.width);
     const bool y_buffered = !(y.stride(3) == 1 && y.stride(2) == s.out_w);
     const TaskSplit split = choose_split(s, x_packed, y_buffered, sizeof(scalar_t),
@@ -465,7 +468,7 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
                                  b2.const_data_ptr<scalar_t>(),
                                  x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                                  y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-                                 split.band_rows, split.images};
+                                 split.band_rows, split.images, x_packed, y_buffered};
     if (activation == Act::ReLU) {
       eval_run<scalar_t, Act::ReLU>(p);
     } else {
