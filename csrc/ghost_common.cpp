@@ -4,38 +4,32 @@
 
 namespace ghostops {
 
-namespace {
-
-void check_vector(const at::Tensor& t, const char* name, int64_t size, const at::Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "ghost_forward_eval: ", name,
-              " must have shape (", size, "), got ", t.sizes());
-  TORCH_CHECK(t.device() == x.device(), "ghost_forward_eval: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "ghost_forward_eval: ", name, " has dtype ",
+void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t size,
+                  const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), " but x has dtype ", x.scalar_type());
 }
 
-}  // namespace
-
-GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weight,
-                            const at::Tensor& bn1_weight, const at::Tensor& bn1_bias,
-                            const at::Tensor& bn1_mean, const at::Tensor& bn1_var,
-                            const at::Tensor& cheap_weight, const at::Tensor& bn2_weight,
-                            const at::Tensor& bn2_bias, const at::Tensor& bn2_mean,
-                            const at::Tensor& bn2_var, int64_t oup, int64_t stride) {
-  TORCH_CHECK(x.dim() == 4, "ghost_forward_eval: x must be a 4-D (N, C, H, W) tensor, got ",
+GhostShape check_ghost_shape(const char* op, const at::Tensor& x,
+                             const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                             int64_t oup, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D (N, C, H, W) tensor, got ",
               x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "ghost_forward_eval: x must be a floating-point tensor, got ", x.scalar_type());
+              op, ": x must be a floating-point tensor, got ", x.scalar_type());
   TORCH_CHECK(primary_weight.dim() == 4 && primary_weight.size(2) == 1 &&
                   primary_weight.size(3) == 1,
-              "ghost_forward_eval: primary_weight must have shape (init, C_in, 1, 1), got ",
+              op, ": primary_weight must have shape (init, C_in, 1, 1), got ",
               primary_weight.sizes());
   TORCH_CHECK(cheap_weight.dim() == 4 && cheap_weight.size(1) == 1 &&
                   cheap_weight.size(2) == cheap_weight.size(3) && cheap_weight.size(2) % 2 == 1,
-              "ghost_forward_eval: cheap_weight must have shape (new, 1, d, d) with d odd, got ",
+              op, ": cheap_weight must have shape (new, 1, d, d) with d odd, got ",
               cheap_weight.sizes());
-  TORCH_CHECK(stride >= 1, "ghost_forward_eval: stride must be >= 1, got ", stride);
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   GhostShape s;
   s.batch = x.size(0);
   s.inp = x.size(1);
@@ -44,36 +38,48 @@ GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weigh
   s.init = primary_weight.size(0);
   const int64_t new_channels = cheap_weight.size(0);
   TORCH_CHECK(s.init >= 1 && new_channels >= s.init && new_channels % s.init == 0,
-              "ghost_forward_eval: cheap_weight has ", new_channels,
+              op, ": cheap_weight has ", new_channels,
               " output channels, which must be a positive multiple of the ", s.init,
               " intrinsic channels (ratio - 1 per intrinsic channel)");
   s.ratio = new_channels / s.init + 1;
   TORCH_CHECK(oup >= 1 && (oup + s.ratio - 1) / s.ratio == s.init,
-              "ghost_forward_eval: oup=", oup, " does not match ", s.init,
+              op, ": oup=", oup, " does not match ", s.init,
               " intrinsic channels at ratio ", s.ratio, " (init must be ceil(oup / ratio))");
   s.oup = oup;
   s.ghost = oup - s.init;
   s.dw = cheap_weight.size(2);
   s.stride = stride;
-  TORCH_CHECK(s.inp == primary_weight.size(1), "ghost_forward_eval: x has ", s.inp,
+  TORCH_CHECK(s.inp == primary_weight.size(1), op, ": x has ", s.inp,
               " channels but primary_weight expects ", primary_weight.size(1));
   s.out_h = (s.height - 1) / stride + 1;
   s.out_w = (s.width - 1) / stride + 1;
   for (auto [t, name] : {std::pair{&primary_weight, "primary_weight"},
                          std::pair{&cheap_weight, "cheap_weight"}}) {
-    TORCH_CHECK(t->device() == x.device(), "ghost_forward_eval: ", name, " is on ", t->device(),
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
                 " but x is on ", x.device());
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "ghost_forward_eval: ", name,
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name,
                 " has dtype ", t->scalar_type(), " but x has dtype ", x.scalar_type());
   }
-  check_vector(bn1_weight, "bn1_weight", s.init, x);
-  check_vector(bn1_bias, "bn1_bias", s.init, x);
-  check_vector(bn1_mean, "bn1_mean", s.init, x);
-  check_vector(bn1_var, "bn1_var", s.init, x);
-  check_vector(bn2_weight, "bn2_weight", new_channels, x);
-  check_vector(bn2_bias, "bn2_bias", new_channels, x);
-  check_vector(bn2_mean, "bn2_mean", new_channels, x);
-  check_vector(bn2_var, "bn2_var", new_channels, x);
+  return s;
+}
+
+GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weight,
+                            const at::Tensor& bn1_weight, const at::Tensor& bn1_bias,
+                            const at::Tensor& bn1_mean, const at::Tensor& bn1_var,
+                            const at::Tensor& cheap_weight, const at::Tensor& bn2_weight,
+                            const at::Tensor& bn2_bias, const at::Tensor& bn2_mean,
+                            const at::Tensor& bn2_var, int64_t oup, int64_t stride) {
+  const char* op = "ghost_forward_eval";
+  const GhostShape s = check_ghost_shape(op, x, primary_weight, cheap_weight, oup, stride);
+  const int64_t new_channels = cheap_weight.size(0);
+  check_vector(op, bn1_weight, "bn1_weight", s.init, x);
+  check_vector(op, bn1_bias, "bn1_bias", s.init, x);
+  check_vector(op, bn1_mean, "bn1_mean", s.init, x);
+  check_vector(op, bn1_var, "bn1_var", s.init, x);
+  check_vector(op, bn2_weight, "bn2_weight", new_channels, x);
+  check_vector(op, bn2_bias, "bn2_bias", new_channels, x);
+  check_vector(op, bn2_mean, "bn2_mean", new_channels, x);
+  check_vector(op, bn2_var, "bn2_var", new_channels, x);
   return s;
 }
 

@@ -42,6 +42,16 @@ struct GhostShape {
   int64_t out_h, out_w;               // spatial size of the output
 };
 
+// Checks x, the two conv weights, oup and stride for op `op` (named in messages) and returns
+// the derived sizes.
+GhostShape check_ghost_shape(const char* op, const at::Tensor& x,
+                             const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                             int64_t oup, int64_t stride);
+
+// Checks a per-channel vector argument: shape (size), x's device and dtype.
+void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t size,
+                  const at::Tensor& x);
+
 // Checks the arguments of ghost_forward_eval (names in messages are the schema's) and
 // returns the derived sizes. Device and dtype agreement included.
 GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weight,

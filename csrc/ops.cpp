@@ -12,6 +12,23 @@ TORCH_LIBRARY(ghostops, m) {
       "Tensor bn1_mean, Tensor bn1_var, float bn1_eps, Tensor cheap_weight, Tensor bn2_weight, "
       "Tensor bn2_bias, Tensor bn2_mean, Tensor bn2_var, float bn2_eps, int oup, int stride, "
       "str act) -> Tensor");
+  // Training-mode forward, batch-statistics BatchNorm (nothing mutated: the caller updates the
+  // running statistics from the returned batch mean and biased variance). Returns y (x's
+  // memory format), mean1, var1 (init) and mean2, var2 (init * (ratio - 1)).
+  m.def(
+      "ghost_forward_train(Tensor x, Tensor primary_weight, Tensor bn1_weight, Tensor bn1_bias, "
+      "float bn1_eps, Tensor cheap_weight, Tensor bn2_weight, Tensor bn2_bias, float bn2_eps, "
+      "int oup, int stride, str act) -> (Tensor y, Tensor mean1, Tensor var1, "
+      "Tensor mean2, Tensor var2)");
+  // Backward of ghost_forward_train from its input x and batch statistics (y is not needed). output_mask:
+  // whether grad_x and grad_primary_weight are wanted (an unwanted one comes back empty).
+  m.def(
+      "ghost_backward(Tensor grad_y, Tensor x, Tensor primary_weight, "
+      "Tensor bn1_weight, Tensor bn1_bias, Tensor mean1, Tensor var1, float bn1_eps, "
+      "Tensor cheap_weight, Tensor bn2_weight, Tensor bn2_bias, Tensor mean2, Tensor var2, "
+      "float bn2_eps, int stride, str act, bool[2] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_primary_weight, Tensor grad_bn1_weight, Tensor grad_bn1_bias, "
+      "Tensor grad_cheap_weight, Tensor grad_bn2_weight, Tensor grad_bn2_bias)");
 }
 
 namespace {

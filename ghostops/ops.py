@@ -37,9 +37,55 @@ def _register_fakes() -> None:
         shape = (n, oup, output_size(h, k, stride), output_size(w, k, stride))
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
+    @torch.library.register_fake(f"{_LIB}::ghost_forward_train")
+    def _(x, primary_weight, bn1_weight, bn1_bias, bn1_eps, cheap_weight, bn2_weight, bn2_bias,
+          bn2_eps, oup, stride, act):  # fmt: skip
+        n, _, h, w = x.shape
+        init, k = primary_weight.shape[0], primary_weight.shape[-1]
+        ho, wo = output_size(h, k, stride), output_size(w, k, stride)
+        y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=x.device,
+                        memory_format=_memory_format(x))  # fmt: skip
+        new = cheap_weight.shape[0]
+        return y, x.new_empty(init), x.new_empty(init), x.new_empty(new), x.new_empty(new)
+
+    @torch.library.register_fake(f"{_LIB}::ghost_backward")
+    def _(grad_y, x, primary_weight, bn1_weight, bn1_bias, mean1, var1, bn1_eps,
+          cheap_weight, bn2_weight, bn2_bias, mean2, var2, bn2_eps, stride, act,
+          output_mask):  # fmt: skip
+        grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
+        grad_w = x.new_empty(primary_weight.shape if output_mask[1] else (0,))
+        return (grad_x, grad_w, torch.empty_like(bn1_weight), torch.empty_like(bn1_bias),
+                torch.empty_like(cheap_weight), torch.empty_like(bn2_weight),
+                torch.empty_like(bn2_bias))  # fmt: skip
+
+
+def _train_setup_context(ctx, inputs, output) -> None:
+    x, primary_weight, bn1_weight, bn1_bias, bn1_eps, cheap_weight = inputs[:6]
+    bn2_weight, bn2_bias, bn2_eps, _oup, stride, act = inputs[6:]
+    _y, mean1, var1, mean2, var2 = output
+    ctx.save_for_backward(x, primary_weight, bn1_weight, bn1_bias, mean1, var1,
+                          cheap_weight, bn2_weight, bn2_bias, mean2, var2)  # fmt: skip
+    ctx.eps, ctx.stride, ctx.act = (bn1_eps, bn2_eps), stride, act
+    ctx.mark_non_differentiable(mean1, var1, mean2, var2)
+
+
+def _train_backward(ctx, grad_y, *_unused):
+    x, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = torch.ops.ghostops.ghost_backward(
+        grad_y, x, pw, g1, b1, mean1, var1, ctx.eps[0], cw, g2, b2, mean2, var2, ctx.eps[1],
+        ctx.stride, ctx.act, [needs[0], needs[1]],
+    )  # fmt: skip
+    gx, gw1, gg1, gb1, gw2, gg2, gb2 = grads
+    return (gx if needs[0] else None, gw1 if needs[1] else None, gg1, gb1, None,
+            gw2, gg2, gb2, None, None, None, None)  # fmt: skip
+
 
 if _ext.cpu_available():
     _register_fakes()
+    torch.library.register_autograd(
+        f"{_LIB}::ghost_forward_train", _train_backward, setup_context=_train_setup_context
+    )
 
 
 def _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride) -> None:
@@ -109,28 +155,53 @@ def ghost_module(
     backend = select_backend(x.device.type)
     params = (primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var,
               cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var)  # fmt: skip
-    # The eval kernel has no autograd yet: a call that must be differentiated stays exact.
+    act = "relu" if relu else "identity"
+    has_running = bn1_mean is not None and bn2_mean is not None
+    batch_stats = training or (bn1_mean is None and bn2_mean is None)
+    fused = backend == "cpu" and primary_weight.shape[-1] == 1
+    if fused and x.device.type != "cpu":
+        raise ValueError(f"ghost_module: the 'cpu' backend runs CPU tensors, got x on {x.device}")
+    if fused and batch_stats:
+        return _forward_train(
+            x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
+            update_running=training and has_running,
+        )  # fmt: skip
+    # The eval kernel has no autograd: eval mode with gradients stays on the exact reference.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
     )
-    fused_eval = (
-        not training
-        and not needs_grad
-        and bn1_mean is not None
-        and bn2_mean is not None
-        and primary_weight.shape[-1] == 1
-    )
-    if backend == "cpu" and fused_eval:
-        if x.device.type != "cpu":
-            raise ValueError(
-                f"ghost_module: the 'cpu' backend runs CPU tensors, got x on {x.device}"
-            )
+    if fused and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
-            cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps,
-            oup, stride, "relu" if relu else "identity",
+            cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,
         )  # fmt: skip
     return ghost_module_reference(
         x, *params, oup=oup, ratio=ratio, dw_size=dw_size, stride=stride, relu=relu,
         training=training, momentum=momentum, eps=eps,
     )  # fmt: skip
+
+
+def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, cheap_weight,
+                   bn2_weight, bn2_bias, bn2_mean, bn2_var, *, oup, stride, act, momentum, eps,
+                   update_running):  # fmt: skip
+    """The fused training forward (batch statistics), then the running-statistics update that
+    ``nn.BatchNorm2d`` makes: ``running = (1 - momentum) running + momentum batch``, with the
+    unbiased variance; on the tensors' device, no host sync."""
+    n, _, h, w = x.shape
+    count = n * output_size(h, 1, stride) * output_size(w, 1, stride)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.shape}"
+        )
+    y, mean1, var1, mean2, var2 = torch.ops.ghostops.ghost_forward_train(
+        x, primary_weight, bn1_weight, bn1_bias, eps, cheap_weight, bn2_weight, bn2_bias, eps,
+        oup, stride, act,
+    )  # fmt: skip
+    if update_running and momentum:
+        unbias = count / (count - 1)
+        with torch.no_grad():
+            updates = ((bn1_mean, mean1, 1.0), (bn1_var, var1, unbias),
+                       (bn2_mean, mean2, 1.0), (bn2_var, var2, unbias))  # fmt: skip
+            for running, batch, scale in updates:
+                running.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
+    return y

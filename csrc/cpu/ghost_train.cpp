@@ -1,0 +1,611 @@
+// Fused training-mode Ghost module on the CPU: the forward with batch-statistics BatchNorm and
+// its backward (DESIGN.md section 2). nn.BatchNorm2d semantics in training: the batch mean and
+// biased variance normalise; the op returns them, and the caller (ghostops/ops.py) updates the
+// running statistics from them.
+//
+// Forward, three passes (the kernels work on NCHW-contiguous buffers; P = pixels per plane):
+//   F1  primary GEMM z1 = W1 x straight into y[:, :init], with per-task mean / M2 of each
+//       channel computed while the task's tile is in cache.
+//   F2  per (image, intrinsic channel) plane: x1 = act(BN1(z1)) in place; the depthwise conv of
+//       x1 for the ghost channels it feeds goes to y[:, init:oup] (ghost channels past oup are
+//       computed for their statistics only: the reference's BatchNorm sees them); mean / M2.
+//   F3  y[:, init:oup] = act(BN2(z2)) in place.
+//
+// The backward saves nothing but x and the batch mean / variance of both BatchNorms, a quarter
+// to a sixth of what the unfused module keeps alive, and does not read y, so callers may modify
+// y in place (GhostNet's residual `x += shortcut`). It recomputes z1 with the forward's GEMM
+// and tasks, and from it x1 and z2 with the forward's code: the same bits, so the ReLU masks
+// are the forward's. (Recovering x1hat from y, the in-place-ABN idea, does not suffice with a
+// ReLU: the BatchNorm backward needs x1hat where the ReLU cut it off as well.)
+//   B1  per plane: ga2 = dy2 * act'(a2); per-channel sums of ga2 and ga2 * x2hat.
+//   B2  per plane: dz2 (BN2 backward), the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2),
+//       ga1 = dx1 * act'(x1) into a buffer; per-channel sums of ga1 and ga1 * x1hat.
+//   B3  dz1 (BN1 backward) in place, then the two GEMMs of the primary conv through ATen.
+// Per-plane partial sums are combined in a fixed order, so results do not depend on threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../ghost_common.h"
+#include "kernels.h"
+
+namespace ghostops::cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Reductions: vectors of T over runs of kRun elements, each run's total added in double.
+
+constexpr int64_t kRun = 256;
+
+template <typename T, typename F>
+double reduce_runs(int64_t n, F&& term) {  // sum over i < n of term(i) (a Vectorized<T>)
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  double total = 0;
+  int64_t i = 0;
+  for (; i + VL <= n;) {
+    Vec acc(T(0));
+    for (const int64_t stop = std::min(n, i + kRun); i + VL <= stop; i += VL)
+      acc = acc + term(i, VL);
+    total += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc));
+  }
+  if (i < n) {
+    const Vec tail = term(i, n - i);  // lanes past n - i are zero (loadu with a count)
+    total += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, tail));
+  }
+  return total;
+}
+
+template <typename T>
+double sum_of(const T* v, int64_t n) {
+  return reduce_runs<T>(n, [&](int64_t i, int64_t c) { return Vectorized<T>::loadu(v + i, c); });
+}
+
+template <typename T>
+double dot_of(const T* a, const T* b, int64_t n) {
+  return reduce_runs<T>(n, [&](int64_t i, int64_t c) {
+    return Vectorized<T>::loadu(a + i, c) * Vectorized<T>::loadu(b + i, c);
+  });
+}
+
+// Mean and M2 (sum of squared deviations) of n values: two passes over data in cache.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+};
+
+template <typename T>
+Moments moments_of(const T* v, int64_t n) {
+  const double mean = sum_of(v, n) / double(n);
+  const Vectorized<T> c(static_cast<T>(mean));
+  const double m2 = reduce_runs<T>(n, [&](int64_t i, int64_t cnt) {
+    const auto d = Vectorized<T>::loadu(v + i, cnt) - c;
+    const auto masked = cnt == Vectorized<T>::size() ? d : Vectorized<T>::set(
+        Vectorized<T>(T(0)), d, cnt);
+    return masked * masked;
+  });
+  // m2 is about the rounded mean; correct to the exact one (Steiner): m2 - n (mean - c)^2.
+  const double shift = mean - double(static_cast<T>(mean));
+  return {double(n), mean, std::max(0.0, m2 - double(n) * shift * shift)};
+}
+
+// Chan et al.'s pairwise combination, in the order given.
+inline Moments combine(const Moments* parts, int64_t count, int64_t stride) {
+  Moments total;
+  for (int64_t i = 0; i < count; ++i) {
+    const Moments& p = parts[i * stride];
+    if (p.count == 0) continue;
+    const double n = total.count + p.count, delta = p.mean - total.mean;
+    total.mean += delta * p.count / n;
+    total.m2 += p.m2 + delta * delta * total.count * p.count / n;
+    total.count = n;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise conv over whole zero-padded planes (the same code in forward and backward).
+
+// out (H, W) = depthwise d x d correlation of xp, a plane zero-padded by d / 2 on every side
+// ((H + d - 1) x (W + d - 1)), with w (d x d). Not inlined: the forward and the backward's
+// recomputation must round identically.
+template <typename T>
+__attribute__((noinline)) void dw_plane(const T* xp, int64_t H, int64_t W, int64_t d,
+                                        const T* w, T* out) {
+  const int64_t wp = W + d - 1;
+  for (int64_t r = 0; r < H; ++r) {
+    T* o = out + r * W;
+    for (int64_t c = 0; c < W; ++c) o[c] = T(0);
+    for (int64_t dy = 0; dy < d; ++dy)
+      for (int64_t dx = 0; dx < d; ++dx) {
+        const T wv = w[dy * d + dx];
+        const T* in = xp + (r + dy) * wp + dx;
+        for (int64_t c = 0; c < W; ++c) o[c] += wv * in[c];
+      }
+  }
+}
+
+// out (H, W) += the transposed depthwise conv of gp (a zero-padded (H, W) gradient plane):
+// out[r][c] += sum_{dy,dx} w[dy][dx] * g[r + h - dy][c + h - dx].
+template <typename T>
+void dw_plane_transposed(const T* gp, int64_t H, int64_t W, int64_t d, const T* w, T* out) {
+  const int64_t wp = W + d - 1;
+  for (int64_t r = 0; r < H; ++r) {
+    T* o = out + r * W;
+    for (int64_t dy = 0; dy < d; ++dy)
+      for (int64_t dx = 0; dx < d; ++dx) {
+        const T wv = w[dy * d + dx];
+        const T* in = gp + (r + d - 1 - dy) * wp + (d - 1 - dx);
+        for (int64_t c = 0; c < W; ++c) o[c] += wv * in[c];
+      }
+  }
+}
+
+// Copies plane (H, W) into the interior of a zero-padded plane of (H + d - 1, W + d - 1).
+template <typename T>
+void pad_plane(const T* src, int64_t H, int64_t W, int64_t d, T* dst) {
+  const int64_t h = d / 2, wp = W + d - 1;
+  std::fill(dst, dst + (H + d - 1) * wp, T(0));
+  for (int64_t r = 0; r < H; ++r) std::copy(src + r * W, src + (r + 1) * W, dst + (r + h) * wp + h);
+}
+
+// v = act(v * scale + shift) over n elements, in place.
+template <typename T, Act A>
+void affine_act(T* v, int64_t n, T scale, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec sc(scale), sh(shift);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size())
+    activate_vec<A>(at::vec::fmadd(Vec::loadu(v + i), sc, sh)).store(v + i);
+  for (; i < n; ++i) v[i] = activate<A>(std::fma(v[i], scale, shift));
+}
+
+// The primary conv's input, NCHW-contiguous, subsampled by the stride.
+at::Tensor strided_input(const at::Tensor& x, int64_t stride) {
+  if (stride == 1) return x.contiguous();
+  return x.slice(2, 0, x.size(2), stride).slice(3, 0, x.size(3), stride).contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+// The affine x -> scale x + shift of a BatchNorm with batch mean / biased variance (as rounded
+// to T and returned by the forward). The forward and the backward both derive it here from the
+// same rounded values, so the backward recomputes the forward's activations bit for bit.
+template <typename T>
+std::pair<T, T> bn_affine(T mean, T var, T gamma, T beta, double eps) {
+  const double invstd = 1.0 / std::sqrt(double(var) + eps);
+  return {T(double(gamma) * invstd), T(double(beta) - double(mean) * double(gamma) * invstd)};
+}
+
+// The primary conv z1 = W1 xs (xs: the NCHW-contiguous, stride-subsampled input) in tasks of
+// pixels of one image, or of whole images when maps are small. Channel m of image n goes to
+// z1 + n * image_stride + m * P. With `moments` (tasks x init), also each task's per-channel
+// mean / M2, taken while its tile is in cache. The same tasks and GEMM in forward and backward:
+// the backward's recomputed z1 has the forward's bits.
+struct PrimaryTasks {
+  int64_t images, chunks, count;
+};
+
+inline PrimaryTasks primary_tasks(const GhostShape& s) {
+  constexpr int64_t kTaskPixels = 2048;
+  const int64_t P = s.out_h * s.out_w, threads = at::get_num_threads();
+  int64_t images = 1;
+  const int64_t chunks = (P + kTaskPixels - 1) / kTaskPixels;
+  if (chunks == 1)
+    images = std::clamp<int64_t>(kTaskPixels / P, 1,
+                                 std::max<int64_t>(1, s.batch / (4 * threads)));
+  return {images, chunks, (s.batch + images - 1) / images * chunks};
+}
+
+template <typename T>
+void primary_conv(const GhostShape& s, const T* xs, const T* w1_packed, T* z1,
+                  int64_t image_stride, Moments* moments) {
+  const int64_t P = s.out_h * s.out_w, N = s.batch, C = s.inp, I = s.init;
+  const PrimaryTasks tasks = primary_tasks(s);
+  const std::vector<T> zero_bias(I, T(0));
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = (t / tasks.chunks) * tasks.images, g = std::min(tasks.images, N - n0);
+      const int64_t chunk = t % tasks.chunks;
+      const int64_t p0 = P * chunk / tasks.chunks, len = P * (chunk + 1) / tasks.chunks - p0;
+      const int64_t cols = g * len;
+      T* buf = scratch<T>(I * cols + C * kPanel<T>);
+      const PixelMatrix<T> b{xs + n0 * C * P + p0, P, C * P, len, g};
+      primary_gemm<T, Act::Identity>(w1_packed, zero_bias.data(), I, C, b, buf, cols,
+                                     buf + I * cols);
+      for (int64_t m = 0; m < I; ++m) {
+        if (moments != nullptr) moments[t * I + m] = moments_of(buf + m * cols, cols);
+        for (int64_t i = 0; i < g; ++i)
+          std::copy(buf + m * cols + i * len, buf + m * cols + (i + 1) * len,
+                    z1 + (n0 + i) * image_stride + m * P + p0);
+      }
+    }
+  });
+}
+
+// Packs the primary weight (init, inp, 1, 1) for primary_gemm.
+template <typename T>
+at::Tensor packed_primary_weight(const at::Tensor& primary_weight, const GhostShape& s) {
+  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).contiguous();
+  at::Tensor packed = at::empty_like(w1);
+  pack_weight(w1.const_data_ptr<T>(), s.init, s.inp, packed.mutable_data_ptr<T>());
+  return packed;
+}
+
+// Rounds a BatchNorm's batch moments to T into stats (2, channels) as (mean, biased variance)
+// and returns the affine they give.
+template <typename T>
+std::pair<T, T> finalize_bn(const Moments& mo, int64_t c, double eps, const T* gamma,
+                            const T* beta, at::TensorAccessor<T, 2> stats) {
+  const T mean = T(mo.mean), var = T(mo.m2 / mo.count);
+  stats[0][c] = mean;
+  stats[1][c] = var;
+  return bn_affine(mean, var, gamma[c], beta[c], eps);
+}
+
+template <typename T, Act A>
+void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T* w2,
+                   const T* g1, const T* b1, const T* g2, const T* b2, double eps1, double eps2,
+                   T* y, at::Tensor& stats1, at::Tensor& stats2) {
+  const int64_t P = s.out_h * s.out_w, N = s.batch, I = s.init;
+  const int64_t new_ch = s.init * (s.ratio - 1), d = s.dw;
+
+  // F1: z1 straight into y[:, :init], with per-task moments.
+  const int64_t tasks = primary_tasks(s).count;
+  std::vector<Moments> part1(tasks * I);
+  primary_conv(s, xs, w1_packed, y, s.oup * P, part1.data());
+  std::vector<std::pair<T, T>> affine1(I), affine2(new_ch);
+  for (int64_t m = 0; m < I; ++m)
+    affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
+                             stats1.accessor<T, 2>());
+
+  // F2: per (image, intrinsic channel) plane.
+  const int64_t padded = (s.out_h + d - 1) * (s.out_w + d - 1), per = s.ratio - 1;
+  std::vector<Moments> part2(N * new_ch);
+  at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
+    T* xp = scratch<T>(padded + P);
+    T* spare = xp + padded;  // ghost channels past oup
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / I, c = t % I;
+      T* plane = y + (n * s.oup + c) * P;
+      affine_act<T, A>(plane, P, affine1[c].first, affine1[c].second);
+      pad_plane(plane, s.out_h, s.out_w, d, xp);
+      for (int64_t j = c * per; j < (c + 1) * per; ++j) {
+        T* out = j < s.ghost ? y + (n * s.oup + I + j) * P : spare;
+        dw_plane(xp, s.out_h, s.out_w, d, w2 + j * d * d, out);
+        part2[n * new_ch + j] = moments_of(out, P);
+      }
+    }
+  });
+  for (int64_t j = 0; j < new_ch; ++j)
+    affine2[j] = finalize_bn(combine(part2.data() + j, N, new_ch), j, eps2, g2, b2,
+                             stats2.accessor<T, 2>());
+
+  // F3: BN2 + act in place on the ghost half of y.
+  at::parallel_for(0, N * s.ghost, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / s.ghost, j = t % s.ghost;
+      affine_act<T, A>(y + (n * s.oup + I + j) * P, P, affine2[j].first, affine2[j].second);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward_train_cpu(
+    const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
+    const at::Tensor& bn1_bias, double bn1_eps, const at::Tensor& cheap_weight,
+    const at::Tensor& bn2_weight, const at::Tensor& bn2_bias, double bn2_eps, int64_t oup,
+    int64_t stride, c10::string_view act) {
+  const char* op = "ghost_forward_train";
+  const GhostShape s = check_ghost_shape(op, x, primary_weight, cheap_weight, oup, stride);
+  const int64_t new_ch = cheap_weight.size(0);
+  check_vector(op, bn1_weight, "bn1_weight", s.init, x);
+  check_vector(op, bn1_bias, "bn1_bias", s.init, x);
+  check_vector(op, bn2_weight, "bn2_weight", new_ch, x);
+  check_vector(op, bn2_bias, "bn2_bias", new_ch, x);
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              " (CPU kernel): dtype must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(s.batch * s.out_h * s.out_w > 1, op,
+              ": expected more than 1 value per channel when training, got input size ",
+              x.sizes());
+  const Act activation = parse_act(std::string(act));
+  const auto opts = x.options();
+  at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w}, opts);
+  at::Tensor stats1 = at::empty({2, s.init}, opts), stats2 = at::empty({2, new_ch}, opts);
+  advise_huge_pages(y.mutable_data_ptr(), y.nbytes());
+  const at::Tensor xs = strided_input(x, stride);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward_train_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor w1_packed = packed_primary_weight<T>(primary_weight, s);
+    const at::Tensor w2 = cheap_weight.contiguous();
+    const at::Tensor g1 = bn1_weight.contiguous(), b1 = bn1_bias.contiguous();
+    const at::Tensor g2 = bn2_weight.contiguous(), b2 = bn2_bias.contiguous();
+    auto run = [&](auto act_tag) {
+      train_forward<T, decltype(act_tag)::value>(
+          s, xs.const_data_ptr<T>(), w1_packed.const_data_ptr<T>(), w2.const_data_ptr<T>(),
+          g1.const_data_ptr<T>(), b1.const_data_ptr<T>(), g2.const_data_ptr<T>(),
+          b2.const_data_ptr<T>(), bn1_eps, bn2_eps, y.mutable_data_ptr<T>(), stats1, stats2);
+    };
+    if (activation == Act::ReLU) {
+      run(std::integral_constant<Act, Act::ReLU>{});
+    } else {
+      run(std::integral_constant<Act, Act::Identity>{});
+    }
+  });
+  const auto format = x.suggest_memory_format();
+  if (format != at::MemoryFormat::Contiguous) y = y.contiguous(format);
+  return {y, stats1[0], stats1[1], stats2[0], stats2[1]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+struct BackwardParams {
+  GhostShape s;
+  int64_t P;
+  const T* z1;  // the recomputed primary conv (N, init, P)
+  const T* gy;  // grad of y, NCHW-contiguous
+  const T* w2;  // cheap weight (new, d * d)
+  std::vector<T> mean1, invstd1, gamma1, mean2, invstd2, gamma2;
+  std::vector<std::pair<T, T>> affine1, affine2;  // the forward's BN affines
+};
+
+// x1 = act(BN1(z1)) of plane (n, c), computed as the forward computed it.
+template <typename T, Act A>
+void x1_plane(const BackwardParams<T>& p, int64_t n, int64_t c, T* out) {
+  const T* z1 = p.z1 + (n * p.s.init + c) * p.P;
+  std::copy(z1, z1 + p.P, out);
+  affine_act<T, A>(out, p.P, p.affine1[c].first, p.affine1[c].second);
+}
+
+// For ghost channel j of image n, from xp, the padded x1 plane it reads: x2hat and
+// ga2 = dy2 * act'(a2), with z2 and a2 = BN2(z2) recomputed as the forward computed them.
+template <typename T, Act A>
+void ghost_plane_grad(const BackwardParams<T>& p, int64_t n, int64_t j, const T* xp, T* x2hat,
+                      T* ga2) {
+  const GhostShape& s = p.s;
+  dw_plane(xp, s.out_h, s.out_w, s.dw, p.w2 + j * s.dw * s.dw, x2hat);  // z2
+  const T* gy2 = p.gy + (n * s.oup + s.init + j) * p.P;
+  const auto [scale, shift] = p.affine2[j];
+  const T hs = p.invstd2[j], hb = -p.mean2[j] * p.invstd2[j];
+  for (int64_t i = 0; i < p.P; ++i) {
+    const T z = x2hat[i];
+    if constexpr (A == Act::ReLU) {
+      ga2[i] = std::fma(z, scale, shift) > T(0) ? gy2[i] : T(0);
+    } else {
+      ga2[i] = gy2[i];
+    }
+    x2hat[i] = z * hs + hb;
+  }
+}
+
+// out = g * act'(a), given the activation's output a_out (ReLU: where it is positive).
+template <typename T, Act A>
+void act_grad(const T* g, const T* a_out, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (A == Act::ReLU) {
+      out[i] = a_out[i] > T(0) ? g[i] : T(0);
+    } else {
+      out[i] = g[i];
+    }
+  }
+}
+
+// Per-channel totals over images of per-(image, channel) partial sums, in image order.
+inline void sum_over_images(const std::vector<double>& parts, int64_t N, int64_t channels,
+                            int64_t width, double* out) {
+  for (int64_t q = 0; q < channels * width; ++q) {
+    double a = 0;
+    for (int64_t n = 0; n < N; ++n) a += parts[n * channels * width + q];
+    out[q] = a;
+  }
+}
+
+template <typename T, Act A>
+void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double* dbeta1,
+                    double* dgamma2, double* dbeta2, double* dw2) {
+  const GhostShape& s = p.s;
+  const int64_t N = s.batch, I = s.init, P = p.P, G = s.ghost, d = s.dw;
+  const int64_t per = s.ratio - 1, wp = s.out_w + d - 1, padded = (s.out_h + d - 1) * wp;
+  const double M = double(N * P);
+
+  // B1: sums of ga2 and ga2 * x2hat per (image, ghost channel).
+  std::vector<double> sum_ga2(N * G), sum_gx2(N * G);
+  at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
+    T* xp = scratch<T>(padded + 3 * P);
+    T* x2hat = xp + padded;
+    T* ga2 = x2hat + P;
+    T* x1 = ga2 + P;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / I, c = t % I;
+      if (c * per >= G) continue;
+      x1_plane<T, A>(p, n, c, x1);
+      pad_plane(x1, s.out_h, s.out_w, d, xp);
+      for (int64_t j = c * per; j < std::min((c + 1) * per, G); ++j) {
+        ghost_plane_grad<T, A>(p, n, j, xp, x2hat, ga2);
+        sum_ga2[n * G + j] = sum_of(ga2, P);
+        sum_gx2[n * G + j] = dot_of(ga2, x2hat, P);
+      }
+    }
+  });
+  sum_over_images(sum_ga2, N, G, 1, dbeta2);
+  sum_over_images(sum_gx2, N, G, 1, dgamma2);
+
+  // B2: dz2, the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 * act'(x1)
+  // (into dz1), and the sums of ga1 and ga1 * x1hat.
+  std::vector<double> dw2_part(N * G * d * d), sum_ga1(N * I), sum_gx1(N * I);
+  at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
+    T* xp = scratch<T>(2 * padded + 4 * P);
+    T* gp = xp + padded;
+    T* x2hat = gp + padded;
+    T* ga2 = x2hat + P;
+    T* dx1 = ga2 + P;
+    T* x1 = dx1 + P;
+    const int64_t h = d / 2;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / I, c = t % I;
+      x1_plane<T, A>(p, n, c, x1);
+      std::copy(p.gy + (n * s.oup + c) * P, p.gy + (n * s.oup + c + 1) * P, dx1);
+      if (c * per < G) {
+        pad_plane(x1, s.out_h, s.out_w, d, xp);
+        std::fill(gp, gp + padded, T(0));
+      }
+      for (int64_t j = c * per; j < std::min((c + 1) * per, G); ++j) {
+        ghost_plane_grad<T, A>(p, n, j, xp, x2hat, ga2);
+        const T k = p.gamma2[j] * p.invstd2[j];
+        const T mg = T(dbeta2[j] / M), mx = T(dgamma2[j] / M);
+        for (int64_t r = 0; r < s.out_h; ++r) {
+          T* g = gp + (r + h) * wp + h;
+          const int64_t i0 = r * s.out_w;
+          for (int64_t col = 0; col < s.out_w; ++col)
+            g[col] = k * (ga2[i0 + col] - mg - x2hat[i0 + col] * mx);
+        }
+        // The weight's gradient correlates dz2 (gp's interior) with the padded x1.
+        double* gw = dw2_part.data() + (n * G + j) * d * d;
+        for (int64_t dy = 0; dy < d; ++dy)
+          for (int64_t dx = 0; dx < d; ++dx) {
+            double acc = 0;
+            for (int64_t r = 0; r < s.out_h; ++r)
+              acc += dot_of(gp + (r + h) * wp + h, xp + (r + dy) * wp + dx, s.out_w);
+            gw[dy * d + dx] = acc;
+          }
+        dw_plane_transposed(gp, s.out_h, s.out_w, d, p.w2 + j * d * d, dx1);
+      }
+      T* ga1 = dz1 + (n * I + c) * P;
+      act_grad<T, A>(dx1, x1, P, ga1);
+      T* x1hat = x2hat;  // reused
+      const T* z1 = p.z1 + (n * I + c) * P;
+      for (int64_t i = 0; i < P; ++i) x1hat[i] = (z1[i] - p.mean1[c]) * p.invstd1[c];
+      sum_ga1[n * I + c] = sum_of(ga1, P);
+      sum_gx1[n * I + c] = dot_of(ga1, x1hat, P);
+    }
+  });
+  sum_over_images(dw2_part, N, G, d * d, dw2);
+  sum_over_images(sum_ga1, N, I, 1, dbeta1);
+  sum_over_images(sum_gx1, N, I, 1, dgamma1);
+
+  // B3 (first half): dz1 = k1 (ga1 - dbeta1 / M - x1hat dgamma1 / M), in place.
+  at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / I, c = t % I;
+      T* g = dz1 + (n * I + c) * P;
+      const T* z1 = p.z1 + (n * I + c) * P;
+      const T k = p.gamma1[c] * p.invstd1[c], mean = p.mean1[c], invstd = p.invstd1[c];
+      const T mg = T(dbeta1[c] / M), mx = T(dgamma1[c] / M);
+      for (int64_t i = 0; i < P; ++i) g[i] = k * (g[i] - mg - (z1[i] - mean) * invstd * mx);
+    }
+  });
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                         const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
+                         const at::Tensor& bn1_bias, const at::Tensor& mean1,
+                         const at::Tensor& var1, double bn1_eps, const at::Tensor& cheap_weight,
+                         const at::Tensor& bn2_weight, const at::Tensor& bn2_bias,
+                         const at::Tensor& mean2, const at::Tensor& var2, double bn2_eps,
+                         int64_t stride, c10::string_view act, std::array<bool, 2> output_mask) {
+  const char* op = "ghost_backward";
+  TORCH_CHECK(grad_y.dim() == 4, op, ": grad_y must be 4-D, got ", grad_y.sizes());
+  const GhostShape s =
+      check_ghost_shape(op, x, primary_weight, cheap_weight, grad_y.size(1), stride);
+  const int64_t new_ch = cheap_weight.size(0), P = s.out_h * s.out_w;
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.oup, s.out_h, s.out_w}), op,
+              ": grad_y has shape ", grad_y.sizes(), ", expected (", s.batch, ", ", s.oup, ", ",
+              s.out_h, ", ", s.out_w, ")");
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), op,
+              ": grad_y must match x's device and dtype");
+  for (auto [t, name, size] :
+       {std::tuple{&bn1_weight, "bn1_weight", s.init}, std::tuple{&bn1_bias, "bn1_bias", s.init},
+        std::tuple{&mean1, "mean1", s.init}, std::tuple{&var1, "var1", s.init},
+        std::tuple{&bn2_weight, "bn2_weight", new_ch}, std::tuple{&bn2_bias, "bn2_bias", new_ch},
+        std::tuple{&mean2, "mean2", new_ch}, std::tuple{&var2, "var2", new_ch}})
+    check_vector(op, *t, name, size, x);
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              " (CPU kernel): dtype must be float32 or float64, got ", x.scalar_type());
+  const Act activation = parse_act(std::string(act));
+
+  const at::Tensor xs = strided_input(x, stride);
+  const at::Tensor gy = grad_y.contiguous();
+  at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, x.options());
+  at::Tensor dz1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, x.options());
+  const auto dopts = x.options().dtype(at::kDouble);
+  at::Tensor dg1 = at::zeros({s.init}, dopts), db1 = at::zeros({s.init}, dopts);
+  at::Tensor dg2 = at::zeros({new_ch}, dopts), db2 = at::zeros({new_ch}, dopts);
+  at::Tensor dw2 = at::zeros({new_ch, 1, s.dw, s.dw}, dopts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor w1_packed = packed_primary_weight<T>(primary_weight, s);
+    primary_conv(s, xs.const_data_ptr<T>(), w1_packed.const_data_ptr<T>(),
+                 z1.mutable_data_ptr<T>(), s.init * P, static_cast<Moments*>(nullptr));
+    const at::Tensor w2 = cheap_weight.contiguous();
+    auto vec = [](const at::Tensor& t) {
+      const at::Tensor c = t.contiguous();
+      return std::vector<T>(c.const_data_ptr<T>(), c.const_data_ptr<T>() + c.numel());
+    };
+    BackwardParams<T> p{s, P, z1.const_data_ptr<T>(), gy.const_data_ptr<T>(),
+                        w2.const_data_ptr<T>()};
+    p.mean1 = vec(mean1), p.gamma1 = vec(bn1_weight), p.mean2 = vec(mean2);
+    p.gamma2 = vec(bn2_weight);
+    const std::vector<T> v1 = vec(var1), v2 = vec(var2), b1 = vec(bn1_bias), b2 = vec(bn2_bias);
+    for (int64_t c = 0; c < s.init; ++c) {
+      p.invstd1.push_back(T(1.0 / std::sqrt(double(v1[c]) + bn1_eps)));
+      p.affine1.push_back(bn_affine(p.mean1[c], v1[c], p.gamma1[c], b1[c], bn1_eps));
+    }
+    for (int64_t j = 0; j < new_ch; ++j) {
+      p.invstd2.push_back(T(1.0 / std::sqrt(double(v2[j]) + bn2_eps)));
+      p.affine2.push_back(bn_affine(p.mean2[j], v2[j], p.gamma2[j], b2[j], bn2_eps));
+    }
+    auto run = [&](auto act_tag) {
+      train_backward<T, decltype(act_tag)::value>(
+          p, dz1.mutable_data_ptr<T>(), dg1.mutable_data_ptr<double>(),
+          db1.mutable_data_ptr<double>(), dg2.mutable_data_ptr<double>(),
+          db2.mutable_data_ptr<double>(), dw2.mutable_data_ptr<double>());
+    };
+    if (activation == Act::ReLU) {
+      run(std::integral_constant<Act, Act::ReLU>{});
+    } else {
+      run(std::integral_constant<Act, Act::Identity>{});
+    }
+  });
+  z1.reset();
+
+  // B3 (second half): the primary conv's two GEMMs on dz1.
+  const at::Tensor dz = dz1.view({s.batch, s.init, P});
+  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp});
+  at::Tensor grad_x = at::empty({0}, x.options()), grad_w1 = at::empty({0}, x.options());
+  if (output_mask[0]) {
+    const at::Tensor gxs = at::matmul(w1.t(), dz).view({s.batch, s.inp, s.out_h, s.out_w});
+    if (stride == 1) {
+      grad_x = gxs;
+    } else {
+      grad_x = at::zeros(x.sizes(), x.options());
+      grad_x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).copy_(gxs);
+    }
+  }
+  if (output_mask[1])
+    grad_w1 = at::bmm(dz, xs.view({s.batch, s.inp, P}).transpose(1, 2))
+                  .sum(0)
+                  .view(primary_weight.sizes());
+  const auto dt = x.scalar_type();
+  return {grad_x, grad_w1, dg1.to(dt), db1.to(dt), dw2.to(dt), dg2.to(dt), db2.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostops, CPU, m) {
+  m.impl("ghost_forward_train", &ghost_forward_train_cpu);
+  m.impl("ghost_backward", &ghost_backward_cpu);
+}
+
+}  // namespace ghostops::cpu
