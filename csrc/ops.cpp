@@ -14,16 +14,17 @@ TORCH_LIBRARY(ghostops, m) {
       "str act) -> Tensor");
   // Training-mode forward, batch-statistics BatchNorm (nothing mutated: the caller updates the
   // running statistics from the returned batch mean and biased variance). Returns y (x's
-  // memory format), mean1, var1 (init) and mean2, var2 (init * (ratio - 1)).
+  // memory format), z1 = the primary conv before BN1 (N, init, Ho, Wo), saved for the
+  // backward, mean1, var1 (init) and mean2, var2 (init * (ratio - 1)).
   m.def(
       "ghost_forward_train(Tensor x, Tensor primary_weight, Tensor bn1_weight, Tensor bn1_bias, "
       "float bn1_eps, Tensor cheap_weight, Tensor bn2_weight, Tensor bn2_bias, float bn2_eps, "
-      "int oup, int stride, str act) -> (Tensor y, Tensor mean1, Tensor var1, "
+      "int oup, int stride, str act) -> (Tensor y, Tensor z1, Tensor mean1, Tensor var1, "
       "Tensor mean2, Tensor var2)");
-  // Backward of ghost_forward_train from its input x and batch statistics (y is not needed). output_mask:
+  // Backward of ghost_forward_train from its input x, its z1 and batch statistics (not y). output_mask:
   // whether grad_x and grad_primary_weight are wanted (an unwanted one comes back empty).
   m.def(
-      "ghost_backward(Tensor grad_y, Tensor x, Tensor primary_weight, "
+      "ghost_backward(Tensor grad_y, Tensor x, Tensor z1, Tensor primary_weight, "
       "Tensor bn1_weight, Tensor bn1_bias, Tensor mean1, Tensor var1, float bn1_eps, "
       "Tensor cheap_weight, Tensor bn2_weight, Tensor bn2_bias, Tensor mean2, Tensor var2, "
       "float bn2_eps, int stride, str act, bool[2] output_mask) -> (Tensor grad_x, "

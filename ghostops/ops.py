@@ -45,11 +45,12 @@ def _register_fakes() -> None:
         ho, wo = output_size(h, k, stride), output_size(w, k, stride)
         y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=x.device,
                         memory_format=_memory_format(x))  # fmt: skip
+        z1 = x.new_empty((n, init, ho, wo))
         new = cheap_weight.shape[0]
-        return y, x.new_empty(init), x.new_empty(init), x.new_empty(new), x.new_empty(new)
+        return y, z1, x.new_empty(init), x.new_empty(init), x.new_empty(new), x.new_empty(new)
 
     @torch.library.register_fake(f"{_LIB}::ghost_backward")
-    def _(grad_y, x, primary_weight, bn1_weight, bn1_bias, mean1, var1, bn1_eps,
+    def _(grad_y, x, z1, primary_weight, bn1_weight, bn1_bias, mean1, var1, bn1_eps,
           cheap_weight, bn2_weight, bn2_bias, mean2, var2, bn2_eps, stride, act,
           output_mask):  # fmt: skip
         grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
@@ -62,18 +63,18 @@ def _register_fakes() -> None:
 def _train_setup_context(ctx, inputs, output) -> None:
     x, primary_weight, bn1_weight, bn1_bias, bn1_eps, cheap_weight = inputs[:6]
     bn2_weight, bn2_bias, bn2_eps, _oup, stride, act = inputs[6:]
-    _y, mean1, var1, mean2, var2 = output
-    ctx.save_for_backward(x, primary_weight, bn1_weight, bn1_bias, mean1, var1,
+    _y, z1, mean1, var1, mean2, var2 = output
+    ctx.save_for_backward(x, z1, primary_weight, bn1_weight, bn1_bias, mean1, var1,
                           cheap_weight, bn2_weight, bn2_bias, mean2, var2)  # fmt: skip
     ctx.eps, ctx.stride, ctx.act = (bn1_eps, bn2_eps), stride, act
-    ctx.mark_non_differentiable(mean1, var1, mean2, var2)
+    ctx.mark_non_differentiable(z1, mean1, var1, mean2, var2)
 
 
 def _train_backward(ctx, grad_y, *_unused):
-    x, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
+    x, z1, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grads = torch.ops.ghostops.ghost_backward(
-        grad_y, x, pw, g1, b1, mean1, var1, ctx.eps[0], cw, g2, b2, mean2, var2, ctx.eps[1],
+        grad_y, x, z1, pw, g1, b1, mean1, var1, ctx.eps[0], cw, g2, b2, mean2, var2, ctx.eps[1],
         ctx.stride, ctx.act, [needs[0], needs[1]],
     )  # fmt: skip
     gx, gw1, gg1, gb1, gw2, gg2, gb2 = grads
@@ -193,7 +194,7 @@ def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, c
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
-    y, mean1, var1, mean2, var2 = torch.ops.ghostops.ghost_forward_train(
+    y, _z1, mean1, var1, mean2, var2 = torch.ops.ghostops.ghost_forward_train(
         x, primary_weight, bn1_weight, bn1_bias, eps, cheap_weight, bn2_weight, bn2_bias, eps,
         oup, stride, act,
     )  # fmt: skip

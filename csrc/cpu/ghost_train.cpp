@@ -11,12 +11,12 @@
 //       computed for their statistics only: the reference's BatchNorm sees them); mean / M2.
 //   F3  y[:, init:oup] = act(BN2(z2)) in place.
 //
-// The backward saves nothing but x and the batch mean / variance of both BatchNorms, a quarter
-// to a sixth of what the unfused module keeps alive, and does not read y, so callers may modify
-// y in place (GhostNet's residual `x += shortcut`). It recomputes z1 with the forward's GEMM
-// and tasks, and from it x1 and z2 with the forward's code: the same bits, so the ReLU masks
-// are the forward's. (Recovering x1hat from y, the in-place-ABN idea, does not suffice with a
-// ReLU: the BatchNorm backward needs x1hat where the ReLU cut it off as well.)
+// The backward saves x, z1 (the primary conv before BN1, half of y's channels) and the batch
+// mean / variance of both BatchNorms: about a quarter of what the unfused module keeps alive.
+// It does not read y, so callers may modify y in place (GhostNet's residual `x += shortcut`).
+// From z1 it recomputes x1, and from x1 z2, with the forward's code on the forward's bits, so
+// the ReLU masks are the forward's. (Recovering x1hat from y, the in-place-ABN idea, does not
+// suffice with a ReLU: the BatchNorm backward needs x1hat where the ReLU cut it off as well.)
 //   B1  per plane: ga2 = dy2 * act'(a2); per-channel sums of ga2 and ga2 * x2hat.
 //   B2  per plane: dz2 (BN2 backward), the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2),
 //       ga1 = dx1 * act'(x1) into a buffer; per-channel sums of ga1 and ga1 * x1hat.
@@ -108,60 +108,137 @@ inline Moments combine(const Moments* parts, int64_t count, int64_t stride) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depthwise conv over whole zero-padded planes (the same code in forward and backward).
+// Depthwise conv over zero-padded planes, flattened (the same code in forward and backward).
+//
+// A plane of (H, W) padded by h = d / 2 zeros on every side is (H + d - 1) rows of
+// wp = W + d - 1. Pixel (r, c) sits at (r + h) * wp + c + h, and its tap (dy, dx) at an offset
+// of (dy - h) * wp + (dx - h), the same for every pixel: so the conv runs as vectors over the
+// flat range [lo, hi) from the first pixel to the last, whatever W is (GhostNet's 7- and
+// 14-wide maps included). Entries of that range in the padding columns come out as garbage and
+// are never read back as pixels.
+struct Padded {
+  int64_t H, W, d, h, wp, size, lo, hi;
+  Padded(int64_t H_, int64_t W_, int64_t d_)
+      : H(H_), W(W_), d(d_), h(d_ / 2), wp(W_ + d_ - 1), size((H_ + d_ - 1) * (W_ + d_ - 1)),
+        lo(h * wp + h), hi((H_ + h - 1) * wp + h + W_) {}
+  int64_t offset(int64_t dy, int64_t dx) const { return (dy - h) * wp + (dx - h); }
+};
 
-// out (H, W) = depthwise d x d correlation of xp, a plane zero-padded by d / 2 on every side
-// ((H + d - 1) x (W + d - 1)), with w (d x d). Not inlined: the forward and the backward's
-// recomputation must round identically.
-template <typename T>
-__attribute__((noinline)) void dw_plane(const T* xp, int64_t H, int64_t W, int64_t d,
-                                        const T* w, T* out) {
-  const int64_t wp = W + d - 1;
-  for (int64_t r = 0; r < H; ++r) {
-    T* o = out + r * W;
-    for (int64_t c = 0; c < W; ++c) o[c] = T(0);
-    for (int64_t dy = 0; dy < d; ++dy)
-      for (int64_t dx = 0; dx < d; ++dx) {
-        const T wv = w[dy * d + dx];
-        const T* in = xp + (r + dy) * wp + dx;
-        for (int64_t c = 0; c < W; ++c) o[c] += wv * in[c];
-      }
+// out[i] = sum over taps of w[dy * d + dx] * xp[i + offset(dy, dx)], i in [lo, hi), taps in
+// row-major order. D: the kernel size as a compile-time constant (0: g.d at run time). The
+// forward and the backward's recomputation run this same code, so they round identically.
+template <typename T, int D>
+void dw_flat_impl(const Padded& g, const T* xp, const T* w, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  constexpr int kMaxTaps = 49;  // 7 x 7
+  const int taps = D > 0 ? D * D : int(g.d * g.d);
+  Vec wv[D > 0 ? D * D : kMaxTaps];
+  int64_t off[D > 0 ? D * D : kMaxTaps];
+  for (int t = 0; t < taps; ++t) {
+    wv[t] = Vec(w[t]);
+    off[t] = g.offset(t / g.d, t % g.d);
+  }
+  int64_t i = g.lo;
+  for (; i + VL <= g.hi; i += VL) {
+    Vec acc(T(0));
+    for (int t = 0; t < taps; ++t) acc = at::vec::fmadd(wv[t], Vec::loadu(xp + i + off[t]), acc);
+    acc.store(out + i);
+  }
+  if (i < g.hi) {
+    const int64_t count = g.hi - i;
+    Vec acc(T(0));
+    for (int t = 0; t < taps; ++t)
+      acc = at::vec::fmadd(wv[t], Vec::loadu(xp + i + off[t], count), acc);
+    acc.store(out + i, count);
   }
 }
 
-// out (H, W) += the transposed depthwise conv of gp (a zero-padded (H, W) gradient plane):
-// out[r][c] += sum_{dy,dx} w[dy][dx] * g[r + h - dy][c + h - dx].
+// gw[t] = sum over i in [lo, hi) of gp[i] * xp[i + offset(t)]: the depthwise weight's gradient
+// when gp is a gradient plane that is zero outside its pixels. One pass, all taps at once.
+template <typename T, int D>
+void dw_weight_grad_impl(const Padded& g, const T* gp, const T* xp, double* gw) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  constexpr int kMaxTaps = 49;
+  const int taps = D > 0 ? D * D : int(g.d * g.d);
+  Vec acc[D > 0 ? D * D : kMaxTaps];
+  int64_t off[D > 0 ? D * D : kMaxTaps];
+  for (int t = 0; t < taps; ++t) {
+    acc[t] = Vec(T(0));
+    off[t] = g.offset(t / g.d, t % g.d);
+    gw[t] = 0;
+  }
+  auto flush = [&] {
+    for (int t = 0; t < taps; ++t) {
+      gw[t] += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc[t]));
+      acc[t] = Vec(T(0));
+    }
+  };
+  int64_t run = 0;
+  for (int64_t i = g.lo; i < g.hi; i += VL) {
+    const int64_t count = std::min(VL, g.hi - i);
+    const Vec gv = Vec::loadu(gp + i, count);
+    for (int t = 0; t < taps; ++t)
+      acc[t] = at::vec::fmadd(gv, Vec::loadu(xp + i + off[t], count), acc[t]);
+    if (++run == kRun / VL) flush(), run = 0;
+  }
+  flush();
+}
+
 template <typename T>
-void dw_plane_transposed(const T* gp, int64_t H, int64_t W, int64_t d, const T* w, T* out) {
-  const int64_t wp = W + d - 1;
-  for (int64_t r = 0; r < H; ++r) {
-    T* o = out + r * W;
-    for (int64_t dy = 0; dy < d; ++dy)
-      for (int64_t dx = 0; dx < d; ++dx) {
-        const T wv = w[dy * d + dx];
-        const T* in = gp + (r + d - 1 - dy) * wp + (d - 1 - dx);
-        for (int64_t c = 0; c < W; ++c) o[c] += wv * in[c];
-      }
+void dw_flat(const Padded& g, const T* xp, const T* w, T* out) {
+  switch (g.d) {
+    case 3: return dw_flat_impl<T, 3>(g, xp, w, out);
+    case 5: return dw_flat_impl<T, 5>(g, xp, w, out);
+    default: return dw_flat_impl<T, 0>(g, xp, w, out);
   }
 }
 
-// Copies plane (H, W) into the interior of a zero-padded plane of (H + d - 1, W + d - 1).
 template <typename T>
-void pad_plane(const T* src, int64_t H, int64_t W, int64_t d, T* dst) {
-  const int64_t h = d / 2, wp = W + d - 1;
-  std::fill(dst, dst + (H + d - 1) * wp, T(0));
-  for (int64_t r = 0; r < H; ++r) std::copy(src + r * W, src + (r + 1) * W, dst + (r + h) * wp + h);
+void dw_weight_grad(const Padded& g, const T* gp, const T* xp, double* gw) {
+  switch (g.d) {
+    case 3: return dw_weight_grad_impl<T, 3>(g, gp, xp, gw);
+    case 5: return dw_weight_grad_impl<T, 5>(g, gp, xp, gw);
+    default: return dw_weight_grad_impl<T, 0>(g, gp, xp, gw);
+  }
 }
 
-// v = act(v * scale + shift) over n elements, in place.
+// dst[0, n) = src[0, n) (+= with ADD), in vectors: GhostNet's rows are 7 to 112 wide, too
+// short for memcpy's call to pay.
+template <typename T, bool ADD = false>
+inline void copy_row(const T* src, T* dst, int64_t n) {
+  using Vec = Vectorized<T>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    Vec v = Vec::loadu(src + i, count);
+    if constexpr (ADD) v = v + Vec::loadu(dst + i, count);
+    v.store(dst + i, count);
+  }
+}
+
+// Writes plane (H, W) into the interior of a padded plane whose padding is already zero.
+template <typename T>
+void pad_plane(const Padded& g, const T* src, T* dst) {
+  for (int64_t r = 0; r < g.H; ++r) copy_row(src + r * g.W, dst + (r + g.h) * g.wp + g.h, g.W);
+}
+
+// Copies (ADD: adds) the interior of a padded plane out to (H, W).
+template <typename T, bool ADD = false>
+void unpad_plane(const Padded& g, const T* src, T* dst) {
+  for (int64_t r = 0; r < g.H; ++r)
+    copy_row<T, ADD>(src + (r + g.h) * g.wp + g.h, dst + r * g.W, g.W);
+}
+
+// out = act(v * scale + shift) over n elements (out may be v).
 template <typename T, Act A>
-void affine_act(T* v, int64_t n, T scale, T shift) {
+void affine_act(const T* v, T* out, int64_t n, T scale, T shift) {
   using Vec = Vectorized<T>;
   const Vec sc(scale), sh(shift);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size())
-    activate_vec<A>(at::vec::fmadd(Vec::loadu(v + i), sc, sh)).store(v + i);
-  for (; i < n; ++i) v[i] = activate<A>(std::fma(v[i], scale, shift));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    activate_vec<A>(at::vec::fmadd(Vec::loadu(v + i, count), sc, sh)).store(out + i, count);
+  }
 }
 
 // The primary conv's input, NCHW-contiguous, subsampled by the stride.
@@ -184,7 +261,8 @@ std::pair<T, T> bn_affine(T mean, T var, T gamma, T beta, double eps) {
 
 // The primary conv z1 = W1 xs (xs: the NCHW-contiguous, stride-subsampled input) in tasks of
 // pixels of one image, or of whole images when maps are small. Channel m of image n goes to
-// z1 + n * image_stride + m * P. With `moments` (tasks x init), also each task's per-channel
+// z1 + n * image_stride + m * P, and with z1_copy also to z1_copy (N, init, P). With `moments`
+// (tasks x init), also each task's per-channel
 // mean / M2, taken while its tile is in cache. The same tasks and GEMM in forward and backward:
 // the backward's recomputed z1 has the forward's bits.
 struct PrimaryTasks {
@@ -204,7 +282,7 @@ inline PrimaryTasks primary_tasks(const GhostShape& s) {
 
 template <typename T>
 void primary_conv(const GhostShape& s, const T* xs, const T* w1_packed, T* z1,
-                  int64_t image_stride, Moments* moments) {
+                  int64_t image_stride, T* z1_copy, Moments* moments) {
   const int64_t P = s.out_h * s.out_w, N = s.batch, C = s.inp, I = s.init;
   const PrimaryTasks tasks = primary_tasks(s);
   const std::vector<T> zero_bias(I, T(0));
@@ -220,9 +298,11 @@ void primary_conv(const GhostShape& s, const T* xs, const T* w1_packed, T* z1,
                                      buf + I * cols);
       for (int64_t m = 0; m < I; ++m) {
         if (moments != nullptr) moments[t * I + m] = moments_of(buf + m * cols, cols);
-        for (int64_t i = 0; i < g; ++i)
-          std::copy(buf + m * cols + i * len, buf + m * cols + (i + 1) * len,
-                    z1 + (n0 + i) * image_stride + m * P + p0);
+        for (int64_t i = 0; i < g; ++i) {
+          const T* row = buf + m * cols + i * len;
+          std::copy(row, row + len, z1 + (n0 + i) * image_stride + m * P + p0);
+          if (z1_copy != nullptr) std::copy(row, row + len, z1_copy + ((n0 + i) * I + m) * P + p0);
+        }
       }
     }
   });
@@ -251,33 +331,37 @@ std::pair<T, T> finalize_bn(const Moments& mo, int64_t c, double eps, const T* g
 template <typename T, Act A>
 void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T* w2,
                    const T* g1, const T* b1, const T* g2, const T* b2, double eps1, double eps2,
-                   T* y, at::Tensor& stats1, at::Tensor& stats2) {
+                   T* y, T* z1, at::Tensor& stats1, at::Tensor& stats2) {
   const int64_t P = s.out_h * s.out_w, N = s.batch, I = s.init;
   const int64_t new_ch = s.init * (s.ratio - 1), d = s.dw;
 
-  // F1: z1 straight into y[:, :init], with per-task moments.
+  // F1: z1 straight into y[:, :init] and into z1 (saved for the backward), with moments.
   const int64_t tasks = primary_tasks(s).count;
   std::vector<Moments> part1(tasks * I);
-  primary_conv(s, xs, w1_packed, y, s.oup * P, part1.data());
+  primary_conv(s, xs, w1_packed, y, s.oup * P, z1, part1.data());
   std::vector<std::pair<T, T>> affine1(I), affine2(new_ch);
   for (int64_t m = 0; m < I; ++m)
     affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
                              stats1.accessor<T, 2>());
 
   // F2: per (image, intrinsic channel) plane.
-  const int64_t padded = (s.out_h + d - 1) * (s.out_w + d - 1), per = s.ratio - 1;
+  const Padded geo(s.out_h, s.out_w, d);
+  const int64_t per = s.ratio - 1;
   std::vector<Moments> part2(N * new_ch);
   at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
-    T* xp = scratch<T>(padded + P);
-    T* spare = xp + padded;  // ghost channels past oup
+    T* xp = scratch<T>(2 * geo.size + P);
+    T* tmp = xp + geo.size;
+    T* spare = tmp + geo.size;  // ghost channels past oup
+    std::fill(xp, xp + geo.size, T(0));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / I, c = t % I;
       T* plane = y + (n * s.oup + c) * P;
-      affine_act<T, A>(plane, P, affine1[c].first, affine1[c].second);
-      pad_plane(plane, s.out_h, s.out_w, d, xp);
+      affine_act<T, A>(plane, plane, P, affine1[c].first, affine1[c].second);
+      pad_plane(geo, plane, xp);
       for (int64_t j = c * per; j < (c + 1) * per; ++j) {
         T* out = j < s.ghost ? y + (n * s.oup + I + j) * P : spare;
-        dw_plane(xp, s.out_h, s.out_w, d, w2 + j * d * d, out);
+        dw_flat(geo, xp, w2 + j * d * d, tmp);
+        unpad_plane(geo, tmp, out);
         part2[n * new_ch + j] = moments_of(out, P);
       }
     }
@@ -290,12 +374,14 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   at::parallel_for(0, N * s.ghost, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / s.ghost, j = t % s.ghost;
-      affine_act<T, A>(y + (n * s.oup + I + j) * P, P, affine2[j].first, affine2[j].second);
+      T* plane = y + (n * s.oup + I + j) * P;
+      affine_act<T, A>(plane, plane, P, affine2[j].first, affine2[j].second);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ghost_forward_train_cpu(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
     const at::Tensor& bn1_bias, double bn1_eps, const at::Tensor& cheap_weight,
     const at::Tensor& bn2_weight, const at::Tensor& bn2_bias, double bn2_eps, int64_t oup,
@@ -316,8 +402,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_for
   const Act activation = parse_act(std::string(act));
   const auto opts = x.options();
   at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w}, opts);
+  at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, opts);
   at::Tensor stats1 = at::empty({2, s.init}, opts), stats2 = at::empty({2, new_ch}, opts);
   advise_huge_pages(y.mutable_data_ptr(), y.nbytes());
+  advise_huge_pages(z1.mutable_data_ptr(), z1.nbytes());
   const at::Tensor xs = strided_input(x, stride);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_forward_train_cpu", [&] {
@@ -330,7 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_for
       train_forward<T, decltype(act_tag)::value>(
           s, xs.const_data_ptr<T>(), w1_packed.const_data_ptr<T>(), w2.const_data_ptr<T>(),
           g1.const_data_ptr<T>(), b1.const_data_ptr<T>(), g2.const_data_ptr<T>(),
-          b2.const_data_ptr<T>(), bn1_eps, bn2_eps, y.mutable_data_ptr<T>(), stats1, stats2);
+          b2.const_data_ptr<T>(), bn1_eps, bn2_eps, y.mutable_data_ptr<T>(),
+          z1.mutable_data_ptr<T>(), stats1, stats2);
     };
     if (activation == Act::ReLU) {
       run(std::integral_constant<Act, Act::ReLU>{});
@@ -340,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_for
   });
   const auto format = x.suggest_memory_format();
   if (format != at::MemoryFormat::Contiguous) y = y.contiguous(format);
-  return {y, stats1[0], stats1[1], stats2[0], stats2[1]};
+  return {y, z1, stats1[0], stats1[1], stats2[0], stats2[1]};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,7 +439,7 @@ template <typename T>
 struct BackwardParams {
   GhostShape s;
   int64_t P;
-  const T* z1;  // the recomputed primary conv (N, init, P)
+  const T* z1;  // the saved primary conv output (N, init, P)
   const T* gy;  // grad of y, NCHW-contiguous
   const T* w2;  // cheap weight (new, d * d)
   std::vector<T> mean1, invstd1, gamma1, mean2, invstd2, gamma2;
@@ -360,41 +449,26 @@ struct BackwardParams {
 // x1 = act(BN1(z1)) of plane (n, c), computed as the forward computed it.
 template <typename T, Act A>
 void x1_plane(const BackwardParams<T>& p, int64_t n, int64_t c, T* out) {
-  const T* z1 = p.z1 + (n * p.s.init + c) * p.P;
-  std::copy(z1, z1 + p.P, out);
-  affine_act<T, A>(out, p.P, p.affine1[c].first, p.affine1[c].second);
+  affine_act<T, A>(p.z1 + (n * p.s.init + c) * p.P, out, p.P, p.affine1[c].first,
+                   p.affine1[c].second);
 }
 
-// For ghost channel j of image n, from xp, the padded x1 plane it reads: x2hat and
-// ga2 = dy2 * act'(a2), with z2 and a2 = BN2(z2) recomputed as the forward computed them.
-template <typename T, Act A>
-void ghost_plane_grad(const BackwardParams<T>& p, int64_t n, int64_t j, const T* xp, T* x2hat,
-                      T* ga2) {
-  const GhostShape& s = p.s;
-  dw_plane(xp, s.out_h, s.out_w, s.dw, p.w2 + j * s.dw * s.dw, x2hat);  // z2
-  const T* gy2 = p.gy + (n * s.oup + s.init + j) * p.P;
-  const auto [scale, shift] = p.affine2[j];
-  const T hs = p.invstd2[j], hb = -p.mean2[j] * p.invstd2[j];
-  for (int64_t i = 0; i < p.P; ++i) {
-    const T z = x2hat[i];
-    if constexpr (A == Act::ReLU) {
-      ga2[i] = std::fma(z, scale, shift) > T(0) ? gy2[i] : T(0);
-    } else {
-      ga2[i] = gy2[i];
-    }
-    x2hat[i] = z * hs + hb;
-  }
-}
-
-// out = g * act'(a), given the activation's output a_out (ReLU: where it is positive).
-template <typename T, Act A>
-void act_grad(const T* g, const T* a_out, int64_t n, T* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (A == Act::ReLU) {
-      out[i] = a_out[i] > T(0) ? g[i] : T(0);
-    } else {
-      out[i] = g[i];
-    }
+// The BN2 + act backward of ghost channel j, element by element over a padded plane's flat
+// range, from z2 (recomputed, in tmp) and gyp (dy2 padded; zero in the padding, so padding
+// entries contribute nothing): ga2 = dy2 * act'(a2) with a2 = BN2(z2) rounded as the forward
+// rounded it, x2hat = (z2 - mean2) * invstd2. f(i, count, ga2, x2hat) consumes each vector.
+template <typename T, Act A, typename F>
+inline void ghost_elementwise(const BackwardParams<T>& p, const Padded& geo, int64_t j,
+                              const T* tmp, const T* gyp, F&& f) {
+  using Vec = Vectorized<T>;
+  const Vec scale(p.affine2[j].first), shift(p.affine2[j].second);
+  const Vec hs(p.invstd2[j]), hb(-p.mean2[j] * p.invstd2[j]), zero(T(0));
+  for (int64_t i = geo.lo; i < geo.hi; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), geo.hi - i);
+    const Vec z = Vec::loadu(tmp + i, count);
+    Vec ga = Vec::loadu(gyp + i, count);
+    if constexpr (A == Act::ReLU) ga = ga & (at::vec::fmadd(z, scale, shift) > zero);
+    f(i, count, ga, at::vec::fmadd(z, hs, hb));
   }
 }
 
@@ -408,86 +482,109 @@ inline void sum_over_images(const std::vector<double>& parts, int64_t N, int64_t
   }
 }
 
+template <typename T>
+inline double hsum(Vectorized<T> v) {
+  return double(at::vec::vec_reduce_all<T>([](auto a, auto b) { return a + b; }, v));
+}
+
 template <typename T, Act A>
 void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double* dbeta1,
                     double* dgamma2, double* dbeta2, double* dw2) {
+  using Vec = Vectorized<T>;
   const GhostShape& s = p.s;
-  const int64_t N = s.batch, I = s.init, P = p.P, G = s.ghost, d = s.dw;
-  const int64_t per = s.ratio - 1, wp = s.out_w + d - 1, padded = (s.out_h + d - 1) * wp;
+  const int64_t N = s.batch, I = s.init, P = p.P, G = s.ghost, d = s.dw, taps = d * d;
+  const int64_t per = s.ratio - 1;
+  const Padded geo(s.out_h, s.out_w, d);
   const double M = double(N * P);
+  auto ghosts_of = [&](int64_t c) {  // ghost channels [first, last) computed from intrinsic c
+    return std::pair{std::min(c * per, G), std::min((c + 1) * per, G)};
+  };
 
   // B1: sums of ga2 and ga2 * x2hat per (image, ghost channel).
   std::vector<double> sum_ga2(N * G), sum_gx2(N * G);
   at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
-    T* xp = scratch<T>(padded + 3 * P);
-    T* x2hat = xp + padded;
-    T* ga2 = x2hat + P;
-    T* x1 = ga2 + P;
+    T* xp = scratch<T>(3 * geo.size + P);
+    T* gyp = xp + geo.size;
+    T* tmp = gyp + geo.size;
+    T* x1 = tmp + geo.size;
+    std::fill(xp, xp + 2 * geo.size, T(0));  // the padding of xp and gyp stays zero
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / I, c = t % I;
-      if (c * per >= G) continue;
+      const auto [j0, j1] = ghosts_of(c);
+      if (j0 == j1) continue;
       x1_plane<T, A>(p, n, c, x1);
-      pad_plane(x1, s.out_h, s.out_w, d, xp);
-      for (int64_t j = c * per; j < std::min((c + 1) * per, G); ++j) {
-        ghost_plane_grad<T, A>(p, n, j, xp, x2hat, ga2);
-        sum_ga2[n * G + j] = sum_of(ga2, P);
-        sum_gx2[n * G + j] = dot_of(ga2, x2hat, P);
+      pad_plane(geo, x1, xp);
+      for (int64_t j = j0; j < j1; ++j) {
+        dw_flat(geo, xp, p.w2 + j * taps, tmp);
+        pad_plane(geo, p.gy + (n * s.oup + I + j) * P, gyp);
+        Vec a(T(0)), b(T(0));
+        double sa = 0, sb = 0;
+        int64_t run = 0;
+        ghost_elementwise<T, A>(p, geo, j, tmp, gyp, [&](int64_t, int64_t, Vec ga, Vec xh) {
+          a = a + ga;
+          b = at::vec::fmadd(ga, xh, b);
+          if (++run == kRun / Vec::size()) sa += hsum(a), sb += hsum(b), a = b = Vec(T(0)), run = 0;
+        });
+        sum_ga2[n * G + j] = sa + hsum(a);
+        sum_gx2[n * G + j] = sb + hsum(b);
       }
     }
   });
   sum_over_images(sum_ga2, N, G, 1, dbeta2);
   sum_over_images(sum_gx2, N, G, 1, dgamma2);
 
+  // The transposed depthwise conv is the conv with the kernel flipped.
+  std::vector<T> w2_flipped(G * taps);
+  for (int64_t j = 0; j < G; ++j)
+    std::reverse_copy(p.w2 + j * taps, p.w2 + (j + 1) * taps, w2_flipped.data() + j * taps);
+  // 1 on a padded plane's pixels, 0 on its padding.
+  std::vector<T> interior(geo.size, T(0));
+  for (int64_t r = 0; r < s.out_h; ++r)
+    std::fill_n(interior.begin() + (r + geo.h) * geo.wp + geo.h, s.out_w, T(1));
+
   // B2: dz2, the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 * act'(x1)
   // (into dz1), and the sums of ga1 and ga1 * x1hat.
-  std::vector<double> dw2_part(N * G * d * d), sum_ga1(N * I), sum_gx1(N * I);
+  std::vector<double> dw2_part(N * G * taps), sum_ga1(N * I), sum_gx1(N * I);
   at::parallel_for(0, N * I, 1, [&](int64_t begin, int64_t end) {
-    T* xp = scratch<T>(2 * padded + 4 * P);
-    T* gp = xp + padded;
-    T* x2hat = gp + padded;
-    T* ga2 = x2hat + P;
-    T* dx1 = ga2 + P;
-    T* x1 = dx1 + P;
-    const int64_t h = d / 2;
+    T* xp = scratch<T>(4 * geo.size + 3 * P);
+    T* gyp = xp + geo.size;
+    T* gp = gyp + geo.size;
+    T* tmp = gp + geo.size;
+    T* x1 = tmp + geo.size;
+    T* dx1 = x1 + P;
+    T* x1hat = dx1 + P;
+    std::fill(xp, xp + 3 * geo.size, T(0));  // padding of xp, gyp; gp outside [lo, hi)
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / I, c = t % I;
+      const auto [j0, j1] = ghosts_of(c);
       x1_plane<T, A>(p, n, c, x1);
       std::copy(p.gy + (n * s.oup + c) * P, p.gy + (n * s.oup + c + 1) * P, dx1);
-      if (c * per < G) {
-        pad_plane(x1, s.out_h, s.out_w, d, xp);
-        std::fill(gp, gp + padded, T(0));
-      }
-      for (int64_t j = c * per; j < std::min((c + 1) * per, G); ++j) {
-        ghost_plane_grad<T, A>(p, n, j, xp, x2hat, ga2);
-        const T k = p.gamma2[j] * p.invstd2[j];
-        const T mg = T(dbeta2[j] / M), mx = T(dgamma2[j] / M);
-        for (int64_t r = 0; r < s.out_h; ++r) {
-          T* g = gp + (r + h) * wp + h;
-          const int64_t i0 = r * s.out_w;
-          for (int64_t col = 0; col < s.out_w; ++col)
-            g[col] = k * (ga2[i0 + col] - mg - x2hat[i0 + col] * mx);
-        }
-        // The weight's gradient correlates dz2 (gp's interior) with the padded x1.
-        double* gw = dw2_part.data() + (n * G + j) * d * d;
-        for (int64_t dy = 0; dy < d; ++dy)
-          for (int64_t dx = 0; dx < d; ++dx) {
-            double acc = 0;
-            for (int64_t r = 0; r < s.out_h; ++r)
-              acc += dot_of(gp + (r + h) * wp + h, xp + (r + dy) * wp + dx, s.out_w);
-            gw[dy * d + dx] = acc;
-          }
-        dw_plane_transposed(gp, s.out_h, s.out_w, d, p.w2 + j * d * d, dx1);
+      if (j0 < j1) pad_plane(geo, x1, xp);
+      for (int64_t j = j0; j < j1; ++j) {
+        dw_flat(geo, xp, p.w2 + j * taps, tmp);
+        pad_plane(geo, p.gy + (n * s.oup + I + j) * P, gyp);
+        const Vec k(p.gamma2[j] * p.invstd2[j]);
+        const Vec mg(T(dbeta2[j] / M)), mx(T(dgamma2[j] / M));
+        ghost_elementwise<T, A>(p, geo, j, tmp, gyp, [&](int64_t i, int64_t count, Vec ga, Vec xh) {
+          const Vec dz = k * (ga - mg - xh * mx) * Vec::loadu(interior.data() + i, count);
+          dz.store(gp + i, count);
+        });
+        dw_weight_grad(geo, gp, xp, dw2_part.data() + (n * G + j) * taps);
+        dw_flat(geo, gp, w2_flipped.data() + j * taps, tmp);
+        unpad_plane<T, true>(geo, tmp, dx1);
       }
       T* ga1 = dz1 + (n * I + c) * P;
-      act_grad<T, A>(dx1, x1, P, ga1);
-      T* x1hat = x2hat;  // reused
       const T* z1 = p.z1 + (n * I + c) * P;
-      for (int64_t i = 0; i < P; ++i) x1hat[i] = (z1[i] - p.mean1[c]) * p.invstd1[c];
+      const T mean = p.mean1[c], invstd = p.invstd1[c];
+      for (int64_t i = 0; i < P; ++i) {
+        ga1[i] = (A == Act::ReLU && !(x1[i] > T(0))) ? T(0) : dx1[i];
+        x1hat[i] = (z1[i] - mean) * invstd;
+      }
       sum_ga1[n * I + c] = sum_of(ga1, P);
       sum_gx1[n * I + c] = dot_of(ga1, x1hat, P);
     }
   });
-  sum_over_images(dw2_part, N, G, d * d, dw2);
+  sum_over_images(dw2_part, N, G, taps, dw2);
   sum_over_images(sum_ga1, N, I, 1, dbeta1);
   sum_over_images(sum_gx1, N, I, 1, dgamma1);
 
@@ -507,7 +604,7 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor>;
 
-Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z1,
                          const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
                          const at::Tensor& bn1_bias, const at::Tensor& mean1,
                          const at::Tensor& var1, double bn1_eps, const at::Tensor& cheap_weight,
@@ -522,8 +619,12 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.oup, s.out_h, s.out_w}), op,
               ": grad_y has shape ", grad_y.sizes(), ", expected (", s.batch, ", ", s.oup, ", ",
               s.out_h, ", ", s.out_w, ")");
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), op,
-              ": grad_y must match x's device and dtype");
+  TORCH_CHECK(z1.sizes() == at::IntArrayRef({s.batch, s.init, s.out_h, s.out_w}), op,
+              ": z1 has shape ", z1.sizes(), ", expected (", s.batch, ", ", s.init, ", ", s.out_h,
+              ", ", s.out_w, ")");
+  for (auto [t, name] : {std::pair{&grad_y, "grad_y"}, std::pair{&z1, "z1"}})
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(), op, ": ",
+                name, " must match x's device and dtype");
   for (auto [t, name, size] :
        {std::tuple{&bn1_weight, "bn1_weight", s.init}, std::tuple{&bn1_bias, "bn1_bias", s.init},
         std::tuple{&mean1, "mean1", s.init}, std::tuple{&var1, "var1", s.init},
@@ -537,7 +638,7 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
 
   const at::Tensor xs = strided_input(x, stride);
   const at::Tensor gy = grad_y.contiguous();
-  at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, x.options());
+  const at::Tensor z1c = z1.contiguous();
   at::Tensor dz1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, x.options());
   const auto dopts = x.options().dtype(at::kDouble);
   at::Tensor dg1 = at::zeros({s.init}, dopts), db1 = at::zeros({s.init}, dopts);
@@ -545,15 +646,12 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   at::Tensor dw2 = at::zeros({new_ch, 1, s.dw, s.dw}, dopts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor w1_packed = packed_primary_weight<T>(primary_weight, s);
-    primary_conv(s, xs.const_data_ptr<T>(), w1_packed.const_data_ptr<T>(),
-                 z1.mutable_data_ptr<T>(), s.init * P, static_cast<Moments*>(nullptr));
     const at::Tensor w2 = cheap_weight.contiguous();
     auto vec = [](const at::Tensor& t) {
       const at::Tensor c = t.contiguous();
       return std::vector<T>(c.const_data_ptr<T>(), c.const_data_ptr<T>() + c.numel());
     };
-    BackwardParams<T> p{s, P, z1.const_data_ptr<T>(), gy.const_data_ptr<T>(),
+    BackwardParams<T> p{s, P, z1c.const_data_ptr<T>(), gy.const_data_ptr<T>(),
                         w2.const_data_ptr<T>()};
     p.mean1 = vec(mean1), p.gamma1 = vec(bn1_weight), p.mean2 = vec(mean2);
     p.gamma2 = vec(bn2_weight);
@@ -578,7 +676,6 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
       run(std::integral_constant<Act, Act::Identity>{});
     }
   });
-  z1.reset();
 
   // B3 (second half): the primary conv's two GEMMs on dz1.
   const at::Tensor dz = dz1.view({s.batch, s.init, P});
