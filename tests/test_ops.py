@@ -5,103 +5,21 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
 
 import ghostops
 from ghostops import _ext
-from ghostops.reference import ReferenceGhostModule, ghost_channels, ghost_module_reference
+from ghostops.reference import ReferenceGhostModule
 
-pytestmark = pytest.mark.skipif(
-    not _ext.cpu_available(), reason="the compiled extension is not built"
-)
+pytestmark = [
+    pytest.mark.skipif(not _ext.cpu_available(), reason="the compiled extension is not built"),
+    pytest.mark.usefixtures("poisoned_outputs"),
+]
 SHAPES_FILE = Path(__file__).resolve().parents[2] / "shared" / "ghostnet_module_shapes.json"
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every fresh tensor, the kernel's output included, starts as NaN: an element the kernel
-    fails to write cannot pass for a right answer."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@dataclass(frozen=True)
-class Case:
-    inp: int
-    oup: int
-    height: int
-    width: int
-    batch: int = 2
-    ratio: int = 2
-    dw_size: int = 3
-    stride: int = 1
-    relu: bool = True
-    channels_last: bool = False
-    strided_input: bool = False  # x a non-contiguous view
-
-    def __str__(self):
-        return (
-            f"{self.inp}->{self.oup}@{self.batch}x{self.height}x{self.width}"
-            f"-r{self.ratio}-d{self.dw_size}-s{self.stride}-{'relu' if self.relu else 'id'}"
-            f"{'-cl' if self.channels_last else ''}{'-view' if self.strided_input else ''}"
-        )
-
-
-def make_args(case: Case, dtype=torch.float32, seed=0):
-    """Fresh random input and parameters (BN statistics far from identity)."""
-    g = torch.Generator().manual_seed(seed)
-    init, new = ghost_channels(case.oup, case.ratio)
-
-    def rnd(*shape, positive=False):
-        t = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
-        return t.to(dtype)
-
-    if case.strided_input:  # every other column and a channel slice of a larger tensor
-        x = rnd(case.batch, case.inp + 3, case.height, 2 * case.width)[:, 1 : case.inp + 1, :, ::2]
-    else:
-        x = rnd(case.batch, case.inp, case.height, case.width)
-    if case.channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    params = (
-        rnd(init, case.inp, 1, 1),
-        rnd(init, positive=True),
-        rnd(init),
-        rnd(init),
-        rnd(init, positive=True),
-        rnd(new, 1, case.dw_size, case.dw_size),
-        rnd(new, positive=True),
-        rnd(new),
-        rnd(new),
-        rnd(new, positive=True),
-    )
-    return x, params
-
-
-def run_fused(case: Case, x, params, eps=1e-5):
-    p = params
-    return torch.ops.ghostops.ghost_forward_eval(
-        x, p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], p[8], p[9], eps,
-        case.oup, case.stride, "relu" if case.relu else "identity",
-    )  # fmt: skip
-
-
-def run_reference(case: Case, x, params, eps=1e-5):
-    return ghost_module_reference(
-        x.double(), *(t.double() for t in params), oup=case.oup, ratio=case.ratio,
-        dw_size=case.dw_size, stride=case.stride, relu=case.relu, eps=eps,
-    )  # fmt: skip
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def ghostnet_cases() -> list[Case]:
@@ -317,7 +235,7 @@ def test_op_checks_its_arguments():
         run_fused(case, x.half(), tuple(t.half() for t in p))
 
 
-# --- training mode and BatchNorm semantics (reference path until the fused training op) -----
+# --- training mode and BatchNorm semantics (the fused training op; more in test_train.py) ---
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

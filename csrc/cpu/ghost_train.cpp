@@ -402,21 +402,21 @@ at::Tensor packed_weight(const at::Tensor& w) {
   return packed;
 }
 
-// Rounds a BatchNorm's batch moments to T into stats (2, channels) as (mean, biased variance)
-// and returns the affine they give.
+// Rounds a BatchNorm's batch moments of channel c to T into mean[c] and var[c] (biased) and
+// returns the affine they give.
 template <typename T>
 std::pair<T, T> finalize_bn(const Moments& mo, int64_t c, double eps, const T* gamma,
-                            const T* beta, at::TensorAccessor<T, 2> stats) {
+                            const T* beta, T* mean_out, T* var_out) {
   const T mean = T(mo.mean), var = T(mo.m2 / mo.count);
-  stats[0][c] = mean;
-  stats[1][c] = var;
+  mean_out[c] = mean;
+  var_out[c] = var;
   return bn_affine(mean, var, gamma[c], beta[c], eps);
 }
 
 template <typename T, Act A>
 void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T* w2,
                    const T* g1, const T* b1, const T* g2, const T* b2, double eps1, double eps2,
-                   T* y, T* z1, at::Tensor& stats1, at::Tensor& stats2) {
+                   T* y, T* z1, T* mean1, T* var1, T* mean2, T* var2) {
   const int64_t P = s.out_h * s.out_w, N = s.batch, I = s.init;
   const int64_t new_ch = s.init * (s.ratio - 1), d = s.dw;
 
@@ -427,7 +427,7 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   std::vector<std::pair<T, T>> affine1(I), affine2(new_ch);
   for (int64_t m = 0; m < I; ++m)
     affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
-                             stats1.accessor<T, 2>());
+                             mean1, var1);
 
   // F2: per (image, intrinsic channel) plane.
   const Padded geo(s.out_h, s.out_w, d);
@@ -453,7 +453,7 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   });
   for (int64_t j = 0; j < new_ch; ++j)
     affine2[j] = finalize_bn(combine(part2.data() + j, N, new_ch), j, eps2, g2, b2,
-                             stats2.accessor<T, 2>());
+                             mean2, var2);
 
   // F3: BN2 + act in place on the ghost half of y.
   at::parallel_for(0, N * s.ghost, 1, [&](int64_t begin, int64_t end) {
@@ -488,7 +488,8 @@ ghost_forward_train_cpu(
   const auto opts = x.options();
   at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w}, opts);
   at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, opts);
-  at::Tensor stats1 = at::empty({2, s.init}, opts), stats2 = at::empty({2, new_ch}, opts);
+  at::Tensor mean1 = at::empty({s.init}, opts), var1 = at::empty({s.init}, opts);
+  at::Tensor mean2 = at::empty({new_ch}, opts), var2 = at::empty({new_ch}, opts);
   advise_huge_pages(y.mutable_data_ptr(), y.nbytes());
   advise_huge_pages(z1.mutable_data_ptr(), z1.nbytes());
   const at::Tensor xs = strided_input(x, stride);
@@ -504,7 +505,8 @@ ghost_forward_train_cpu(
           s, xs.const_data_ptr<T>(), w1_packed.const_data_ptr<T>(), w2.const_data_ptr<T>(),
           g1.const_data_ptr<T>(), b1.const_data_ptr<T>(), g2.const_data_ptr<T>(),
           b2.const_data_ptr<T>(), bn1_eps, bn2_eps, y.mutable_data_ptr<T>(),
-          z1.mutable_data_ptr<T>(), stats1, stats2);
+          z1.mutable_data_ptr<T>(), mean1.mutable_data_ptr<T>(), var1.mutable_data_ptr<T>(),
+          mean2.mutable_data_ptr<T>(), var2.mutable_data_ptr<T>());
     };
     if (activation == Act::ReLU) {
       run(std::integral_constant<Act, Act::ReLU>{});
@@ -514,7 +516,7 @@ ghost_forward_train_cpu(
   });
   const auto format = x.suggest_memory_format();
   if (format != at::MemoryFormat::Contiguous) y = y.contiguous(format);
-  return {y, z1, stats1[0], stats1[1], stats2[0], stats2[1]};
+  return {y, z1, mean1, var1, mean2, var2};
 }
 
 // ---------------------------------------------------------------------------------------------
