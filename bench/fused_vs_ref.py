@@ -81,8 +81,22 @@ TOLERANCES = {
 # cuDNN runs float32 convs in TF32 by default (torch.backends.cudnn.allow_tf32).
 CUDA_FLOAT32_TOLERANCE = Tolerance(2e-3, 2e-3, 1e-2)
 
-FULL = {"batches": (1, 32), "shapes": None, "min_run_time": 0.5, "model_batches": (1, 32)}
-QUICK = {"batches": (1, 8), "shapes": 6, "min_run_time": 0.1, "model_batches": (1,)}
+FULL = {
+    "batches": (1, 32),
+    "shapes": None,
+    "min_run_time": 0.5,
+    "model_batches": (1, 32),
+    "train_batches": (32,),
+    "model_train_batches": (32,),
+}
+QUICK = {
+    "batches": (1, 8),
+    "shapes": 6,
+    "min_run_time": 0.1,
+    "model_batches": (1,),
+    "train_batches": (8,),
+    "model_train_batches": (2,),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +354,127 @@ def bench_model(h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolu
 
 
 # --------------------------------------------------------------------------------------------
+# Training cases
+
+
+def bench_module_train(h: Harness, shape: ModuleShape, batch: int) -> dict:
+    """Time one training forward + backward of a Ghost module (gradients of the input and of
+    every parameter, batch statistics, running statistics updated), reference vs fused."""
+    args = (shape.in_channels, shape.out_channels)
+    kwargs = {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1, "relu": shape.relu}
+    ref = randomize_batchnorm(ReferenceGhostModule(*args, **kwargs))
+    fused = ghostops.GhostModule(*args, **kwargs)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref, fused = h.prepare(ref).train(), h.prepare(fused).train()
+    x = h.randn(batch, shape.in_channels, shape.height, shape.width).requires_grad_()
+    grad_y = h.randn(batch, shape.out_channels, shape.height, shape.width)
+
+    def step(module: nn.Module) -> tuple[torch.Tensor, ...]:
+        y = module(x)
+        return (y, *torch.autograd.grad(y, [x, *module.parameters()], grad_y))
+
+    outs_ref, outs = step(ref), step(fused)  # also the warm-up call of each
+    err = max(relative_error(o, r) for o, r in zip(outs, outs_ref, strict=True))
+    if not err <= h.tolerance.model_rel_err:
+        raise AssertionError(
+            f"training {shape.label}, batch {batch}: fused output or gradients differ from the "
+            f"reference (relative error {err:.3g} > {h.tolerance.model_rel_err:g})"
+        )
+    t_ref = h.time(lambda: step(ref))
+    t_fused = h.time(lambda: step(fused))
+    return {
+        **dataclasses.asdict(shape),
+        "batch": batch,
+        "ref_ms": t_ref.median_ms,
+        "ref_iqr_ms": t_ref.iqr_ms,
+        "fused_ms": t_fused.median_ms,
+        "fused_iqr_ms": t_fused.iqr_ms,
+        "speedup": t_ref.median_ms / t_fused.median_ms,
+        "max_rel_err": err,
+    }
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, target) -> float:
+    """One SGD step on cross-entropy; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def peak_step_memory_mib(which: str, batch: int, resolution: int, threads: int) -> float:
+    """Peak resident memory that one GhostNet training step adds above the model, its input and
+    its optimizer, in MiB: measured in a fresh process (``--peak-memory``), from the kernel's
+    record of the process's peak RSS."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-memory", which,
+           "--model-train-batch", str(batch), "--resolution", str(resolution),
+           "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def measure_peak_memory(which: str, batch: int, resolution: int) -> float:
+    """The ``--peak-memory`` child: build, run one step, print the peak RSS growth in MiB."""
+    import resource
+
+    ref = which == "reference"
+    cls = ReferenceGhostModule if ref else ghostops.GhostModule
+    model = ghostops.models.ghostnet(width=float(WIDTH), ghost_module_cls=cls).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, resolution, resolution)
+    target = torch.randint(0, 1000, (batch,))
+    for p in model.parameters():  # the momentum buffers, before the baseline
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    rss_kib = (
+        int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") // 1024
+    )
+    training_step(model, optimizer, x, target)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak_kib - rss_kib) / 1024
+
+
+def bench_model_train(h: Harness, batch: int, resolution: int) -> dict:
+    """Time a whole GhostNet-1.0x SGD training step (cross-entropy, momentum 0.9) from the same
+    weights, reference vs ghostops, check that both give the same loss, and measure each one's
+    peak memory in a fresh process."""
+    ref, fused = (m.train() for m in build_models(h))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
+    x = h.randn(batch, 3, resolution, resolution)
+    target = torch.randint(0, 1000, (batch,), device=h.device)
+    torch.manual_seed(1)  # the same dropout mask in both
+    loss_ref = training_step(ref, opt_ref, x, target)
+    torch.manual_seed(1)
+    loss = training_step(fused, opt_fused, x, target)
+    if not abs(loss - loss_ref) <= h.tolerance.model_rel_err * abs(loss_ref):
+        raise AssertionError(
+            f"GhostNet-{WIDTH}x training step, batch {batch}: loss {loss} differs from the "
+            f"reference's {loss_ref}"
+        )
+    t_ref = h.time(lambda: training_step(ref, opt_ref, x, target))
+    t_fused = h.time(lambda: training_step(fused, opt_fused, x, target))
+    row = {
+        "model": f"ghostnet-{WIDTH}x",
+        "batch": batch,
+        "resolution": resolution,
+        "optimizer": "SGD(lr=0.01, momentum=0.9), cross-entropy",
+        "ref_ms": t_ref.median_ms,
+        "fused_ms": t_fused.median_ms,
+        "speedup": t_ref.median_ms / t_fused.median_ms,
+        "first_step_loss_ref": loss_ref,
+        "first_step_loss_fused": loss,
+    }
+    if h.device.type == "cpu" and Path("/proc/self/statm").exists():
+        row["ref_peak_mib"] = peak_step_memory_mib("reference", batch, resolution, h.threads)
+        row["fused_peak_mib"] = peak_step_memory_mib("ghostops", batch, resolution, h.threads)
+        row["peak_memory_ratio"] = row["fused_peak_mib"] / row["ref_peak_mib"]
+    return row
+
+
+# --------------------------------------------------------------------------------------------
 # Summary, machine info, output
 
 
@@ -475,7 +610,57 @@ def render(result: dict) -> str:
             )
     elif result["model_skipped"]:
         lines += ["", f"Whole model skipped: {result['model_skipped']}."]
+    lines += render_training(result)
     return "\n".join(lines)
+
+
+def render_training(result: dict) -> list[str]:
+    """The training tables: module forward + backward, and the whole-model SGD step."""
+    if not result.get("train_modules") and not result.get("train_model"):
+        return []
+    lines = [
+        "",
+        "Training (train mode, batch statistics): module forward + backward (gradients of the "
+        "input and every parameter); whole model: one SGD step with cross-entropy.",
+    ]
+    if result["train_modules"]:
+        lines += [
+            "",
+            "| batch | module (in->out HxW) | ref fwd+bwd ms | fused fwd+bwd ms | speedup |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for r in result["train_modules"]:
+            lines.append(
+                f"| {r['batch']} | {ModuleShape.from_row(r).label} | {fmt_ms(r['ref_ms'])} | "
+                f"{fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x |"
+            )
+        lines += ["", "| batch | shapes | geomean speedup | worst speedup | worst shape |",
+                  "|---:|---:|---:|---:|---|"]  # fmt: skip
+        for r in result["train_summary"]:
+            lines.append(
+                f"| {r['batch']} | {r['shapes']} | {r['geomean_speedup']:.2f}x | "
+                f"{r['worst_speedup']:.2f}x | {r['worst_shape']} |"
+            )
+    if result["train_model"]:
+        lines += [
+            "",
+            "| model | batch | input | ref step ms | ghostops step ms | speedup | ref peak MiB "
+            "| ghostops peak MiB | memory ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["train_model"]:
+            memory = (
+                f"{r['ref_peak_mib']:.0f} | {r['fused_peak_mib']:.0f} | "
+                f"{100 * r['peak_memory_ratio']:.0f} %"
+                if "ref_peak_mib" in r
+                else "- | - | -"
+            )
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['resolution']}x{r['resolution']} | "
+                f"{fmt_ms(r['ref_ms'])} | {fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x | "
+                f"{memory} |"
+            )
+    return lines
 
 
 def progress(message: str) -> None:
@@ -519,6 +704,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--resolution", type=int, default=224, help="whole-model input size (default 224)"
     )
     p.add_argument("--copy-mib", type=int, default=256, help="size of the bandwidth-measuring copy")
+    p.add_argument("--no-train", action="store_true", help="skip the training timings")
+    p.add_argument(
+        "--train-batch", type=int, nargs="+", help="module training batch sizes (default 32)"
+    )
+    p.add_argument(
+        "--model-train-batch",
+        type=int,
+        nargs="+",
+        help="whole-model training-step batch sizes (default 32; quick: 2)",
+    )
+    p.add_argument("--peak-memory", choices=("reference", "ghostops"), help=argparse.SUPPRESS)
     p.add_argument(
         "--shapes-file", type=Path, help=f"module shape list (default {SHAPES_FILE_NAME})"
     )
@@ -556,6 +752,13 @@ def make_harness(args: argparse.Namespace, min_run_time: float) -> Harness:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; return the exit status."""
     args = parse_args(argv)
+    if args.peak_memory:  # the child process of peak_step_memory_mib
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        batch = (args.model_train_batch or FULL["model_train_batches"])[0]
+        print(measure_peak_memory(args.peak_memory, batch, args.resolution))
+        return 0
     preset = QUICK if args.quick else FULL
     batches = tuple(args.batch or preset["batches"])
     model_batches = () if args.no_model else tuple(args.model_batch or preset["model_batches"])
@@ -605,6 +808,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_model:
         model_skipped = "--no-model"
 
+    train_batches = () if args.no_train else tuple(args.train_batch or preset["train_batches"])
+    model_train_batches = (
+        ()
+        if args.no_train or args.no_model
+        else tuple(args.model_train_batch or preset["model_train_batches"])
+    )
+    train_rows, model_train_rows = [], []
+    cases = [(b, s) for b in train_batches for s in shapes]
+    for i, (batch, shape) in enumerate(cases, 1):
+        row = bench_module_train(h, shape, batch)
+        train_rows.append(row)
+        progress(
+            f"[train {i:>2}/{len(cases)}] batch {batch:>3} {shape.label:<22} "
+            f"ref {fmt_ms(row['ref_ms']):>7} ms  fused {fmt_ms(row['fused_ms']):>7} ms  "
+            f"{row['speedup']:.2f}x"
+        )
+    for batch in model_train_batches:
+        row = bench_model_train(h, batch, args.resolution)
+        model_train_rows.append(row)
+        memory = (
+            f"  peak {row['ref_peak_mib']:.0f} vs {row['fused_peak_mib']:.0f} MiB"
+            if "ref_peak_mib" in row
+            else ""
+        )
+        progress(
+            f"[train model] batch {batch:>3} ref {fmt_ms(row['ref_ms'])} ms  "
+            f"ghostops {fmt_ms(row['fused_ms'])} ms  {row['speedup']:.2f}x{memory}"
+        )
+
     result = {
         "benchmark": "ghostops fused Ghost module vs unfused reference (bench/fused_vs_ref.py)",
         "quick": args.quick,
@@ -617,11 +849,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "dtype": args.dtype,
             "channels_last": args.channels_last,
-            "mode": "eval, torch.no_grad()",
+            "mode": "eval, torch.no_grad(); training: forward + backward, batch statistics",
             "timer": h.timer_name,
             "min_run_time_s": min_run_time,
             "batches": list(batches),
             "model_batches": list(model_batches),
+            "train_batches": list(train_batches),
+            "model_train_batches": list(model_train_batches),
             "shapes_file": str(shapes_file),
             "width": WIDTH,
             "module_config": {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1},
@@ -632,6 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summarize(rows),
         "model": model_rows,
         "model_skipped": model_skipped,
+        "train_modules": train_rows,
+        "train_summary": summarize(train_rows),
+        "train_model": model_train_rows,
     }
     out = args.out or RESULTS_DIR / f"{device_slug(h.device)}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ import ghostops
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "fused_vs_ref.py"
 
 # The quickest settings: tiny timings, a small copy, batch 1.
-FAST = ["--quick", "--batch", "1", "--min-run-time", "0.001", "--copy-mib", "8"]
+FAST = ["--quick", "--batch", "1", "--train-batch", "2", "--min-run-time", "0.001",
+        "--copy-mib", "8"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,11 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     (summary,) = result["summary"]
     assert summary["batch"] == 1 and summary["shapes"] == 2 and summary["geomean_speedup"] > 0
     assert result["model"] == [] and result["model_skipped"] == "--no-model"
+    train = result["train_modules"]
+    assert [(r["in_channels"], r["batch"]) for r in train] == [(16, 2), (960, 2)]
+    for r in train:
+        assert r["ref_ms"] > 0 and r["fused_ms"] > 0 and r["max_rel_err"] < 1e-3
+    assert result["train_summary"][0]["shapes"] == 2 and result["train_model"] == []
 
     table = capsys.readouterr().out
     assert "| batch | module (in->out HxW) |" in table and "960->160 7x7" in table
@@ -80,13 +86,18 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
 def test_whole_model_row(bench, tmp_path):
     """The whole-GhostNet case, at a small input so that it stays fast."""
     out = tmp_path / "model.json"
-    args = [*FAST, "--shapes", "1", "--model-batch", "1", "--resolution", "32", "--out", str(out)]
+    args = [*FAST, "--shapes", "1", "--model-batch", "1", "--model-train-batch", "2",
+            "--resolution", "32", "--out", str(out)]  # fmt: skip
     bench.main(args)
     result = json.loads(out.read_text())
     (row,) = result["model"]
     assert row["model"] == "ghostnet-1.0x" and row["batch"] == 1 and row["resolution"] == 32
     assert row["ghost_modules"] == 32
     assert row["ref_ms"] > 0 and row["fused_ms"] > 0 and row["rel_err"] < 1e-3
+    (train,) = result["train_model"]
+    assert train["batch"] == 2 and train["ref_ms"] > 0 and train["fused_ms"] > 0
+    assert train["first_step_loss_fused"] == pytest.approx(train["first_step_loss_ref"], rel=1e-3)
+    assert train["ref_peak_mib"] > 0 and train["fused_peak_mib"] > 0
 
 
 def test_wrong_kernel_fails_loudly(bench, tmp_path, monkeypatch):
