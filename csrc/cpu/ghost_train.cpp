@@ -688,11 +688,6 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
   });
 }
 
-// Below this many pixels per image (GhostNet's 7x7 maps) the dot-product kernel's rows are
-// mostly tail and ATen's batched GEMM is faster (measured: 160->960 at 7x7, batch 32, 3.1 ms
-// against 2.0 ms; at 14x14 and up ours is as fast or up to 1.4x faster).
-constexpr int64_t kDotKernelMinPixels = 128;
-
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor>;
 
@@ -789,11 +784,7 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
         grad_x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).copy_(gxs);
       }
     }
-    if (output_mask[1] && P < kDotKernelMinPixels) {
-      grad_w1 = at::bmm(dz1.view({s.batch, s.init, P}), xs.view({s.batch, s.inp, P}).transpose(1, 2))
-                    .sum(0)
-                    .view(primary_weight.sizes());
-    } else if (output_mask[1]) {
+    if (output_mask[1]) {
       at::Tensor gw = at::empty({s.init, s.inp}, dopts);
       weight_grad_gemm(dz1.const_data_ptr<T>(), xs.const_data_ptr<T>(), s.batch, s.init, s.inp,
                        P, gw.mutable_data_ptr<double>());
