@@ -407,6 +407,61 @@ void weight_grad_tile_dispatch(int ri, int rc, const T* dz, const T* x, int64_t 
   weight_grad_tile<T, RI, RC>(dz, x, I, C, P, n0, n1, p0, p1, i0, c0, gw);
 }
 
+// The same gradient for small maps, where rows of P pixels are too short for dot products:
+// gw^T (C, I) = X (C, N P) DZ^T (N P, I) as one GEMM with the forward's micro-kernel, over
+// K = N P. Each thread packs its blocks of X's rows k-major straight from x (N, C, P) and sweeps
+// them with panels of DZ^T (dz transposed once).
+template <typename T>
+void weight_grad_packed(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, int64_t P,
+                        double* gw) {
+  constexpr int64_t VL = Vectorized<T>::size(), NB = kPanel<T>;
+  const int64_t K = N * P;
+  std::vector<T> dzt(K * I);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t j = 0; j < I; ++j)
+        for (int64_t p = 0; p < P; ++p) dzt[(n * P + p) * I + j] = dz[(n * I + j) * P + p];
+  });
+  const PixelMatrix<T> b{dzt.data(), I, 0, I, 1};  // K rows of I columns
+  const int64_t blocks = row_blocks(C, kMaxRows<T>);
+  const std::vector<T> zero_bias(kMaxRows<T>, T(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t r0 = row_block_start(C, blocks, begin), r1 = row_block_start(C, blocks, end);
+    T* packed = scratch<T>((r1 - r0) * (K + I) + K * NB);
+    T* out = packed + (r1 - r0) * K;
+    T* panel = out + (r1 - r0) * I;
+    for (int64_t blk = begin; blk < end; ++blk) {  // the layout pack_weight gives each block
+      const int64_t m0 = row_block_start(C, blocks, blk);
+      const int64_t rows = row_block_start(C, blocks, blk + 1) - m0;
+      T* a = packed + (m0 - r0) * K;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* src = x + (n * C + m0 + r) * P;
+          for (int64_t p = 0; p < P; ++p) a[(n * P + p) * rows + r] = src[p];
+        }
+    }
+    for (int64_t j = 0; j < I; j += NB) {
+      const int64_t cols = std::min(NB, I - j);
+      pack_panel(b, K, j, cols, panel);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t m0 = row_block_start(C, blocks, blk);
+        const int64_t rows = row_block_start(C, blocks, blk + 1) - m0;
+        gemm_block_dispatch<T, Act::Identity>(rows, cols > VL, packed + (m0 - r0) * K,
+                                              zero_bias.data(), panel, K,
+                                              out + (m0 - r0) * I + j, I,
+                                              cols > VL ? cols - VL : cols);
+      }
+    }
+    for (int64_t m = r0; m < r1; ++m)
+      for (int64_t j = 0; j < I; ++j) gw[j * C + m] = double(out[(m - r0) * I + j]);
+  });
+}
+
+// Maps below this many pixels take weight_grad_packed. Measured at batch 32: 7x7 maps, 0.81
+// against 1.72 ms (960->160) and 0.99 against 2.17 ms (160->960) for the dot-product kernel;
+// 14x14 maps, 2.43 against 1.53 ms (480->112): there the dot products win.
+constexpr int64_t kPackedWeightGradPixels = 128;
+
 template <typename T>
 void weight_grad_gemm(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, int64_t P,
                       double* gw) {
@@ -819,8 +874,9 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
     }
     if (output_mask[1]) {
       at::Tensor gw = at::empty({s.init, s.inp}, dopts);
-      weight_grad_gemm(dz1.const_data_ptr<T>(), xs.const_data_ptr<T>(), s.batch, s.init, s.inp,
-                       P, gw.mutable_data_ptr<double>());
+      auto* kernel = P < kPackedWeightGradPixels ? &weight_grad_packed<T> : &weight_grad_gemm<T>;
+      kernel(dz1.const_data_ptr<T>(), xs.const_data_ptr<T>(), s.batch, s.init, s.inp, P,
+             gw.mutable_data_ptr<double>());
       grad_w1 = gw.to(x.scalar_type()).view(primary_weight.sizes());
     }
   });
