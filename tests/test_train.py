@@ -123,6 +123,7 @@ GRADCHECK_CASES = [
     Case(2, 3, 5, 3, batch=2, dw_size=1),
     Case(3, 6, 4, 4, batch=2, dw_size=5, stride=2),
     Case(4, 7, 3, 3, batch=3, channels_last=True),
+    Case(2, 3, 12, 11, batch=1),  # 132 pixels: the dot-product weight-gradient kernel
 ]
 
 
