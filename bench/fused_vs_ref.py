@@ -405,8 +405,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, target)
 
 def peak_step_memory_mib(which: str, batch: int, resolution: int, threads: int) -> float:
     """Peak resident memory that one GhostNet training step adds above the model, its input and
-    its optimizer, in MiB: measured in a fresh process (``--peak-memory``), from the kernel's
-    record of the process's peak RSS."""
+    its optimizer, in MiB: measured in a fresh process (``--peak-memory``) from the kernel's
+    peak-RSS mark."""
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-memory", which,
@@ -416,10 +416,18 @@ def peak_step_memory_mib(which: str, batch: int, resolution: int, threads: int) 
     return float(out.strip().splitlines()[-1])
 
 
-def measure_peak_memory(which: str, batch: int, resolution: int) -> float:
-    """The ``--peak-memory`` child: build, run one step, print the peak RSS growth in MiB."""
-    import resource
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
+
+def measure_peak_memory(which: str, batch: int, resolution: int) -> float:
+    """The ``--peak-memory`` child: build the model, input and optimizer state, reset the
+    kernel's peak-RSS mark (/proc/self/clear_refs), run one training step and print how far the
+    peak rose above the resident memory before it, in MiB."""
     ref = which == "reference"
     cls = ReferenceGhostModule if ref else ghostops.GhostModule
     model = ghostops.models.ghostnet(width=float(WIDTH), ghost_module_cls=cls).train()
@@ -428,12 +436,10 @@ def measure_peak_memory(which: str, batch: int, resolution: int) -> float:
     target = torch.randint(0, 1000, (batch,))
     for p in model.parameters():  # the momentum buffers, before the baseline
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    rss_kib = (
-        int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE") // 1024
-    )
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    baseline = _status_kib("VmRSS")
     training_step(model, optimizer, x, target)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak_kib - rss_kib) / 1024
+    return (_status_kib("VmHWM") - baseline) / 1024
 
 
 def bench_model_train(h: Harness, batch: int, resolution: int) -> dict:
@@ -467,7 +473,7 @@ def bench_model_train(h: Harness, batch: int, resolution: int) -> dict:
         "first_step_loss_ref": loss_ref,
         "first_step_loss_fused": loss,
     }
-    if h.device.type == "cpu" and Path("/proc/self/statm").exists():
+    if h.device.type == "cpu" and Path("/proc/self/clear_refs").exists():
         row["ref_peak_mib"] = peak_step_memory_mib("reference", batch, resolution, h.threads)
         row["fused_peak_mib"] = peak_step_memory_mib("ghostops", batch, resolution, h.threads)
         row["peak_memory_ratio"] = row["fused_peak_mib"] / row["ref_peak_mib"]
