@@ -244,6 +244,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def check_rel_err(err: float, limit: float, what: str) -> None:
+    """Fail loudly, naming the case, if a relative error is over its limit (or NaN)."""
+    if not err <= limit:
+        raise AssertionError(
+            f"{what} differs from the reference (relative error {err:.3g} > {limit:g})"
+        )
+
+
 def check_close(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, what: str) -> None:
     """Fail loudly, naming the case, if the fused output is not the reference's."""
     try:
@@ -331,11 +339,7 @@ def bench_model(h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolu
     x = h.randn(batch, 3, resolution, resolution)
     y_ref, y = ref(x), fused(x)
     err = relative_error(y, y_ref)
-    if not err <= h.tolerance.model_rel_err:
-        raise AssertionError(
-            f"GhostNet-{WIDTH}x, batch {batch}: ghostops output differs from the reference "
-            f"(relative error {err:.3g} > {h.tolerance.model_rel_err:g})"
-        )
+    check_rel_err(err, h.tolerance.model_rel_err, f"GhostNet-{WIDTH}x, batch {batch}: output")
     t_ref = h.time(lambda: ref(x))
     t_fused = h.time(lambda: fused(x))
     return {
@@ -375,11 +379,8 @@ def bench_module_train(h: Harness, shape: ModuleShape, batch: int) -> dict:
 
     outs_ref, outs = step(ref), step(fused)  # also the warm-up call of each
     err = max(relative_error(o, r) for o, r in zip(outs, outs_ref, strict=True))
-    if not err <= h.tolerance.model_rel_err:
-        raise AssertionError(
-            f"training {shape.label}, batch {batch}: fused output or gradients differ from the "
-            f"reference (relative error {err:.3g} > {h.tolerance.model_rel_err:g})"
-        )
+    what = f"training {shape.label}, batch {batch}: output or a gradient"
+    check_rel_err(err, h.tolerance.model_rel_err, what)
     t_ref = h.time(lambda: step(ref))
     t_fused = h.time(lambda: step(fused))
     return {
@@ -455,11 +456,8 @@ def bench_model_train(h: Harness, batch: int, resolution: int) -> dict:
     loss_ref = training_step(ref, opt_ref, x, target)
     torch.manual_seed(1)
     loss = training_step(fused, opt_fused, x, target)
-    if not abs(loss - loss_ref) <= h.tolerance.model_rel_err * abs(loss_ref):
-        raise AssertionError(
-            f"GhostNet-{WIDTH}x training step, batch {batch}: loss {loss} differs from the "
-            f"reference's {loss_ref}"
-        )
+    what = f"GhostNet-{WIDTH}x training step, batch {batch}: loss {loss:.6g}"
+    check_rel_err(abs(loss - loss_ref) / abs(loss_ref), h.tolerance.model_rel_err, what)
     t_ref = h.time(lambda: training_step(ref, opt_ref, x, target))
     t_fused = h.time(lambda: training_step(fused, opt_fused, x, target))
     row = {
@@ -593,16 +591,7 @@ def render(result: dict) -> str:
             f"{fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x | {r['fused_gbps']:.1f} | "
             f"{100 * r['fraction_of_copy_bandwidth']:.0f} % |"
         )
-    lines += [
-        "",
-        "| batch | shapes | geomean speedup | worst speedup | worst shape |",
-        "|---:|---:|---:|---:|---|",
-    ]
-    for r in result["summary"]:
-        lines.append(
-            f"| {r['batch']} | {r['shapes']} | {r['geomean_speedup']:.2f}x | "
-            f"{r['worst_speedup']:.2f}x | {r['worst_shape']} |"
-        )
+    lines += render_summary(result["summary"])
     if result["model"]:
         lines += [
             "",
@@ -618,6 +607,21 @@ def render(result: dict) -> str:
         lines += ["", f"Whole model skipped: {result['model_skipped']}."]
     lines += render_training(result)
     return "\n".join(lines)
+
+
+def render_summary(summary: list[dict]) -> list[str]:
+    """Geometric-mean and worst speedup per batch size, as a markdown table."""
+    lines = [
+        "",
+        "| batch | shapes | geomean speedup | worst speedup | worst shape |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['batch']} | {r['shapes']} | {r['geomean_speedup']:.2f}x | "
+            f"{r['worst_speedup']:.2f}x | {r['worst_shape']} |"
+        )
+    return lines
 
 
 def render_training(result: dict) -> list[str]:
@@ -640,13 +644,7 @@ def render_training(result: dict) -> list[str]:
                 f"| {r['batch']} | {ModuleShape.from_row(r).label} | {fmt_ms(r['ref_ms'])} | "
                 f"{fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x |"
             )
-        lines += ["", "| batch | shapes | geomean speedup | worst speedup | worst shape |",
-                  "|---:|---:|---:|---:|---|"]  # fmt: skip
-        for r in result["train_summary"]:
-            lines.append(
-                f"| {r['batch']} | {r['shapes']} | {r['geomean_speedup']:.2f}x | "
-                f"{r['worst_speedup']:.2f}x | {r['worst_shape']} |"
-            )
+        lines += render_summary(result["train_summary"])
     if result["train_model"]:
         lines += [
             "",

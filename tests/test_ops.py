@@ -235,21 +235,7 @@ def test_op_checks_its_arguments():
         run_fused(case, x.half(), tuple(t.half() for t in p))
 
 
-# --- training mode and BatchNorm semantics (the fused training op; more in test_train.py) ---
-
-
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_training_matches_reference_module(momentum):
-    ref, ours = _module_pair(6, 10, ratio=3)
-    for m in (ref, ours):
-        m.train()
-        for bn in (m.primary_conv[1], m.cheap_operation[1]):
-            bn.momentum = momentum
-    for step in range(3):
-        x = torch.randn(4, 6, 7, 5, generator=torch.Generator().manual_seed(step))
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+# --- modules (training mode and BatchNorm semantics: test_train.py) ---
 
 
 def test_state_dict_has_the_papers_keys():
