@@ -200,9 +200,10 @@ def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, c
     )  # fmt: skip
     if update_running and momentum:
         unbias = count / (count - 1)
-        with torch.no_grad():
-            updates = ((bn1_mean, mean1, 1.0), (bn1_var, var1, unbias),
-                       (bn2_mean, mean2, 1.0), (bn2_var, var2, unbias))  # fmt: skip
-            for running, batch, scale in updates:
-                running.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
+        with torch.no_grad():  # running += momentum * (batch - running): one foreach kernel
+            torch._foreach_lerp_(
+                [bn1_mean, bn1_var, bn2_mean, bn2_var],
+                [mean1, var1 * unbias, mean2, var2 * unbias],
+                momentum,
+            )
     return y
