@@ -4,12 +4,11 @@
 // running statistics from them.
 //
 // Forward, three passes (the kernels work on NCHW-contiguous buffers; P = pixels per plane):
-//   F1  primary GEMM z1 = W1 x (saved for the backward), with per-task mean / M2 of each
+//   F1  primary GEMM z1 = W1 x straight into y[:, :init], with per-task mean / M2 of each
 //       channel computed while the task's tile is in cache.
-//   F2  per intrinsic channel and group of images: x1 = act(BN1(z1)) into y[:, :init]; the
-//       depthwise conv of x1 for the ghost channels it feeds goes to y[:, init:oup] (ghost
-//       channels past oup are computed for their statistics only: the reference's BatchNorm
-//       sees them); mean / M2.
+//   F2  per (image, intrinsic channel) plane: x1 = act(BN1(z1)) in place; the depthwise conv of
+//       x1 for the ghost channels it feeds goes to y[:, init:oup] (ghost channels past oup are
+//       computed for their statistics only: the reference's BatchNorm sees them); mean / M2.
 //   F3  y[:, init:oup] = act(BN2(z2)) in place.
 //
 // The backward saves x, z1 (the primary conv before BN1, half of y's channels) and the batch
@@ -18,20 +17,16 @@
 // From z1 it recomputes x1, and from x1 z2, with the forward's code on the forward's bits, so
 // the ReLU masks are the forward's. (Recovering x1hat from y, the in-place-ABN idea, does not
 // suffice with a ReLU: the BatchNorm backward needs x1hat where the ReLU cut it off as well.)
-//   B1  per channel and group of images (as F2): ga2 = dy2 * act'(a2); per-channel sums of ga2
-//       and ga2 * x2hat.
-//   B2  likewise: dz2 (BN2 backward), the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2),
+//   B1  per plane: ga2 = dy2 * act'(a2); per-channel sums of ga2 and ga2 * x2hat.
+//   B2  per plane: dz2 (BN2 backward), the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2),
 //       ga1 = dx1 * act'(x1) into a buffer; per-channel sums of ga1 and ga1 * x1hat.
-//   B3  dz1 (BN1 backward) in place, then the primary conv's two GEMMs: the input gradient with
-//       the forward's packed GEMM, the weight gradient with a dot-product kernel (or, on 7x7
-//       maps, one packed GEMM over all pixels).
-// Partial sums are per task and combined in a fixed order: results do not depend on threads.
+//   B3  dz1 (BN1 backward) in place, then the two GEMMs of the primary conv through ATen.
+// Per-plane partial sums are combined in a fixed order, so results do not depend on threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -131,17 +126,6 @@ struct Padded {
   int64_t pixel(int64_t g, int64_t r) const { return (h + g * (H + h) + r) * wp + h; }
   int64_t offset(int64_t dy, int64_t dx) const { return (dy - h) * wp + (dx - h); }
 };
-
-// Runs body(take) once on each thread; take() hands out task indices 0, 1, 2, ... one at a time
-// until all are taken (it then returns `count` or more). The plane passes' tasks differ in
-// cost (odd oup, a short last group of images); a static split left one thread waiting.
-// Results stay deterministic: every task writes its own partial sums, combined in task order.
-template <typename Body>
-void for_each_task(int64_t count, Body&& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(count, 1)), 1,
-                   [&](int64_t, int64_t) { body([&] { return next.fetch_add(1); }); });
-}
 
 // Images stacked per plane task: about kStackPixels pixels, so that fixed costs per pass
 // amortise, in groups of equal size (a short last group left threads idle: 12 % of the time
@@ -544,11 +528,10 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   const int64_t P = s.out_h * s.out_w, N = s.batch, I = s.init;
   const int64_t new_ch = s.init * (s.ratio - 1), d = s.dw;
 
-  // F1: z1 (saved for the backward), with per-task moments.
+  // F1: z1 straight into y[:, :init] and into z1 (saved for the backward), with moments.
   const int64_t tasks = pointwise_tasks(N, P).count;
   std::vector<Moments> part1(tasks * I);
-  pointwise_conv(N, s.inp, I, P, xs, w1_packed, z1, I * P, static_cast<T*>(nullptr),
-                 part1.data());
+  pointwise_conv(N, s.inp, I, P, xs, w1_packed, y, s.oup * P, z1, part1.data());
   std::vector<std::pair<T, T>> affine1(I), affine2(new_ch);
   for (int64_t m = 0; m < I; ++m)
     affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
@@ -557,18 +540,19 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   // F2: per intrinsic channel and group of images.
   const int64_t per = s.ratio - 1, gi = images_per_plane_task(N, P), groups = (N + gi - 1) / gi;
   std::vector<Moments> part2(N * new_ch);
-  for_each_task(groups * I, [&](auto&& take) {
+  at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
     const Padded full(s.out_h, s.out_w, d, gi);
     T* xp = scratch<T>(2 * full.size + P);
     T* tmp = xp + full.size;
     T* spare = tmp + full.size;  // ghost channels past oup
     std::fill(xp, xp + full.size, T(0));
-    for (int64_t t = take(); t < groups * I; t = take()) {
+    for (int64_t t = begin; t < end; ++t) {
       const int64_t q = t / I, c = t % I, n0 = q * gi;
       const Padded geo(s.out_h, s.out_w, d, std::min(gi, N - n0));
-      for (int64_t g = 0; g < geo.images; ++g)
-        bn_act_pad<T, A>(geo, g, z1 + ((n0 + g) * I + c) * P, affine1[c].first,
-                         affine1[c].second, xp, y + ((n0 + g) * s.oup + c) * P);
+      for (int64_t g = 0; g < geo.images; ++g) {
+        T* plane = y + ((n0 + g) * s.oup + c) * P;
+        bn_act_pad<T, A>(geo, g, plane, affine1[c].first, affine1[c].second, xp, plane);
+      }
       for (int64_t j = c * per; j < (c + 1) * per; ++j) {
         dw_flat(geo, xp, w2 + j * d * d, tmp);
         for (int64_t g = 0; g < geo.images; ++g) {
@@ -721,12 +705,12 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
 
   // B1: sums of ga2 and ga2 * x2hat per (group of images, ghost channel).
   std::vector<double> sum_ga2(groups * G), sum_gx2(groups * G);
-  for_each_task(groups * I, [&](auto&& take) {
+  at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
     T* xp = scratch<T>(3 * full.size);
     T* gyp = xp + full.size;
     T* tmp = gyp + full.size;
     std::fill(xp, xp + 2 * full.size, T(0));  // the padding of xp and gyp stays zero
-    for (int64_t t = take(); t < groups * I; t = take()) {
+    for (int64_t t = begin; t < end; ++t) {
       int64_t n0, c;
       const Padded geo = task_geometry(t, n0, c);
       const auto [j0, j1] = ghosts_of(c);
@@ -762,14 +746,14 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
   // B2: dz2, the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 * act'(x1)
   // (into dz1), and the sums of ga1 and ga1 * x1hat.
   std::vector<double> dw2_part(groups * G * taps), sum_ga1(groups * I), sum_gx1(groups * I);
-  for_each_task(groups * I, [&](auto&& take) {
+  at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
     T* xp = scratch<T>(4 * full.size + gi * P);
     T* gyp = xp + full.size;
     T* gp = gyp + full.size;
     T* tmp = gp + full.size;
     T* dx1 = tmp + full.size;
     std::fill(xp, xp + 3 * full.size, T(0));  // padding of xp, gyp; gp outside [lo, hi)
-    for (int64_t t = take(); t < groups * I; t = take()) {
+    for (int64_t t = begin; t < end; ++t) {
       int64_t n0, c;
       const Padded geo = task_geometry(t, n0, c);
       const int64_t q = t / I;
