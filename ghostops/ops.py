@@ -162,15 +162,21 @@ def ghost_module(
     fused = backend == "cpu" and primary_weight.shape[-1] == 1
     if fused and x.device.type != "cpu":
         raise ValueError(f"ghost_module: the 'cpu' backend runs CPU tensors, got x on {x.device}")
+    # The eval kernels have no autograd: eval mode with gradients stays on the exact reference.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *params)
+    )
     if fused and batch_stats:
         return _forward_train(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
         )  # fmt: skip
-    # The eval kernel has no autograd: eval mode with gradients stays on the exact reference.
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *params)
-    )
+    triton_eval = backend == "triton" and primary_weight.shape[-1] == 1 and not batch_stats
+    if triton_eval and has_running and not needs_grad:  # Triton training kernels: to come
+        return torch.ops.ghostops.ghost_forward_eval_triton(
+            x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
+            cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,
+        )  # fmt: skip
     if fused and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,

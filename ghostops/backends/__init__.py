@@ -2,7 +2,9 @@
 
 ``reference``: the unfused PyTorch definition (ghostops/reference.py), any device.
 ``cpu``: the fused C++ kernels of the compiled extension (csrc/cpu), CPU tensors.
-``triton`` / ``cuda``: the GPU kernels (Triton, CUDA C++), CUDA tensors.
+``triton`` / ``cuda``: the GPU kernels (Triton, CUDA C++), CUDA tensors; ``triton`` also runs
+CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter: how its kernels are tested
+without a GPU).
 
 The choice, first match wins: the innermost ``use_backend(...)`` context, the environment
 variable ``GHOSTOPS_BACKEND``, then by device: CPU tensors go to ``cpu``, CUDA tensors to
@@ -81,7 +83,7 @@ def select_backend(device_type: str) -> str:
             f"(available: {available_backends()})"
         )
     if forced is not None:
-        return forced
+        return _prepared(forced)
     if device_type == "cpu":
         if _ext.cpu_available():
             return "cpu"
@@ -89,12 +91,20 @@ def select_backend(device_type: str) -> str:
         return "reference"
     if device_type == "cuda":
         if _ext.triton_available():
-            return "triton"
+            return _prepared("triton")
         if _ext.cuda_available():
             return "cuda"
         _warn_fallback("no GPU backend (Triton or the CUDA extension) is available")
         return "reference"
     return "reference"
+
+
+def _prepared(name: str) -> str:
+    """``name``, with its ops registered: the Triton kernels' module registers its ops when
+    imported (it imports triton, so only on first use)."""
+    if name == "triton":
+        import ghostops.backends.triton_kernels  # noqa: F401
+    return name
 
 
 def _warn_fallback(why: str) -> None:
