@@ -159,9 +159,15 @@ def ghost_module(
     act = "relu" if relu else "identity"
     has_running = bn1_mean is not None and bn2_mean is not None
     batch_stats = training or (bn1_mean is None and bn2_mean is None)
-    fused = backend == "cpu" and primary_weight.shape[-1] == 1
-    if fused and x.device.type != "cpu":
-        raise ValueError(f"ghost_module: the 'cpu' backend runs CPU tensors, got x on {x.device}")
+    one_by_one = primary_weight.shape[-1] == 1
+    fused = backend == "cpu" and one_by_one  # eval and training kernels
+    fused_eval = fused or (backend == "cuda" and one_by_one)  # CUDA C++: eval kernel so far
+    expected = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
+    if expected is not None and x.device.type != expected:
+        raise ValueError(
+            f"ghost_module: the {backend!r} backend runs {expected.upper()} tensors, got x on "
+            f"{x.device}"
+        )
     # The eval kernels have no autograd: eval mode with gradients stays on the exact reference.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
@@ -171,13 +177,13 @@ def ghost_module(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
         )  # fmt: skip
-    triton_eval = backend == "triton" and primary_weight.shape[-1] == 1 and not batch_stats
+    triton_eval = backend == "triton" and one_by_one and not batch_stats
     if triton_eval and has_running and not needs_grad:  # Triton training kernels: to come
         return torch.ops.ghostops.ghost_forward_eval_triton(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
             cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,
         )  # fmt: skip
-    if fused and has_running and not needs_grad:
+    if fused_eval and not batch_stats and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
             cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,
