@@ -75,6 +75,12 @@ def _train_setup_context(ctx, inputs, output) -> None:
 def _train_backward(ctx, grad_y, *_unused):
     if grad_y is None:
         return (None,) * 12
+    if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative itself
+        raise RuntimeError(
+            "ghostops: double backward (create_graph=True) through the fused Ghost module "
+            "training op is not supported; run this module with "
+            "ghostops.use_backend('reference') (or GHOSTOPS_BACKEND=reference)"
+        )
     x, z1, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grads = torch.ops.ghostops.ghost_backward(
@@ -164,7 +170,8 @@ def ghost_module(
     has_running = bn1_mean is not None and bn2_mean is not None
     batch_stats = training or (bn1_mean is None and bn2_mean is None)
     one_by_one = primary_weight.shape[-1] == 1
-    fused = backend == "cpu" and one_by_one  # eval and training kernels
+    # The C++ CPU kernels: eval and training, float32 / float64 (other dtypes: the reference).
+    fused = backend == "cpu" and one_by_one and x.dtype in (torch.float32, torch.float64)
     fused_eval = fused or (backend == "cuda" and one_by_one)  # CUDA C++: eval kernel so far
     expected = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
     if expected is not None and x.device.type != expected:

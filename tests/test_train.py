@@ -276,3 +276,23 @@ def test_ghostnet_sgd_steps_match_reference_network():
         assert losses[0] == pytest.approx(losses[1], rel=1e-9), step
     for (key, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_cpu_dtypes_without_kernels_run_the_reference(dtype):
+    """The C++ CPU kernels are float32 / float64: other dtypes get the exact reference."""
+    ref, ours = module_pair(4, 8)
+    x = torch.randn(3, 4, 5, 5)
+    for train in (True, False):
+        r, o = ref.to(dtype).train(train), ours.to(dtype).train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(o(x.to(dtype)), r(x.to(dtype)))
+
+
+def test_double_backward_is_a_clear_error():
+    _, ours = module_pair(4, 8)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    (g,) = torch.autograd.grad(ours(x).square().sum(), x)  # first order: fine
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
