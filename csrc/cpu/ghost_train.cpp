@@ -66,13 +66,6 @@ double sum_of(const T* v, int64_t n) {
   return reduce_runs<T>(n, [&](int64_t i, int64_t c) { return Vectorized<T>::loadu(v + i, c); });
 }
 
-template <typename T>
-double dot_of(const T* a, const T* b, int64_t n) {
-  return reduce_runs<T>(n, [&](int64_t i, int64_t c) {
-    return Vectorized<T>::loadu(a + i, c) * Vectorized<T>::loadu(b + i, c);
-  });
-}
-
 // Mean and M2 (sum of squared deviations) of n values: two passes over data in cache.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
