@@ -64,6 +64,25 @@ def _conv_problem(conv: nn.Module, what: str, *, depthwise: bool) -> str | None:
     return None
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _hooked(modules: list[nn.Module]) -> list[str]:
+    """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
+    pre-hook included): a fused module would silently bypass them."""
+    return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
+
+
+def _counter(bn: nn.BatchNorm2d) -> int | None:
+    n = bn.num_batches_tracked
+    return None if n is None else int(n)
+
+
 def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:
     """GhostModule constructor arguments for ``module``, or (None, why it cannot convert)."""
     children = dict(module.named_children())
@@ -101,6 +120,16 @@ def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:
             f"activations {type(act1).__name__} / {type(act2).__name__}: GhostModule runs ReLU "
             "or identity, the same in both halves"
         )
+    hooked = _hooked([module, conv1, bn1, act1, conv2, bn2, act2])
+    if hooked:
+        return None, f"has hooks on {hooked} (GhostModule calls none of its submodules)"
+    if bn1.training != bn2.training or bn1.training != module.training:
+        return None, (
+            f"train/eval flags differ (module {module.training}, BatchNorms {bn1.training} / "
+            f"{bn2.training}): frozen BatchNorm, GhostModule follows its own flag only"
+        )
+    if bn1.momentum is None and bn1.track_running_stats and _counter(bn1) != _counter(bn2):
+        return None, "momentum=None and the BatchNorms' num_batches_tracked differ"
     oup = getattr(module, "oup", getattr(module, "out_chs", None))
     if not isinstance(oup, int) or math.ceil(oup / ratio) != init:
         return None, f"output channels {oup!r} do not match {init} intrinsic channels"
@@ -126,15 +155,25 @@ def _rebuild(cls: type[nn.Module], spec: dict, source: nn.Module) -> nn.Module:
     return new
 
 
-def _swap(model: nn.Module, make, prefix: str = ""):
-    """Replace, depth first, every child for which ``make(child, name)`` returns a module."""
-    for name, child in list(model.named_children()):
+def _swap(model: nn.Module, make, prefix: str = "", done: dict | None = None):
+    """Replace, depth first, every child for which ``make(child, name)`` returns a module.
+    A module registered under several names (shared) is looked at once and replaced by the
+    same new module everywhere."""
+    done = {} if done is None else done
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
         qualified = f"{prefix}.{name}" if prefix else name
+        if id(child) in done:
+            if done[id(child)] is not None:
+                setattr(model, name, done[id(child)])
+            continue
         new = make(child, qualified)
+        done[id(child)] = new
         if new is not None:
             setattr(model, name, new)
         else:
-            _swap(child, make, qualified)
+            _swap(child, make, qualified, done)
 
 
 def convert(model: nn.Module, *, report: bool = False):

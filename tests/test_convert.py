@@ -144,3 +144,33 @@ def test_convert_timm_ghostnet():
     assert len(report.converted) == 32 and report.skipped == {}
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_modules_whose_behaviour_lives_outside_the_ghost_forward_are_left_alone():
+    x = torch.randn(4, 6, 8, 8)
+    frozen = randomize(ReferenceGhostModule(6, 6)).train()
+    frozen.primary_conv[1].eval()  # frozen BatchNorms: running statistics in training
+    frozen.cheap_operation[1].eval()
+    cumulative = ReferenceGhostModule(6, 6)
+    for bn in (cumulative.primary_conv[1], cumulative.cheap_operation[1]):
+        bn.momentum = None  # the cumulative average, each BN with its own count
+    cumulative.primary_conv[1].num_batches_tracked.fill_(3)
+    hooked = randomize(ReferenceGhostModule(6, 6)).eval()
+    hooked.primary_conv[1].register_forward_hook(lambda m, i, out: out * 2)
+    model = nn.Sequential(frozen, cumulative, hooked)
+    expected = copy.deepcopy(model)(x)
+    model, report = ghostops.convert(model, report=True)
+    assert report.converted == [] and set(report.skipped) == {"0", "1", "2"}
+    assert "flags" in report.skipped["0"] and "num_batches_tracked" in report.skipped["1"]
+    assert "hooks" in report.skipped["2"]
+    assert [b.training for b in model.modules() if isinstance(b, nn.BatchNorm2d)][:2] == [False] * 2
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_a_module_registered_twice_is_replaced_by_one_module():
+    ghost = ReferenceGhostModule(6, 12)
+    model = nn.Sequential(ghost, nn.ReLU())
+    model.add_module("again", ghost)
+    model, report = ghostops.convert(model, report=True)
+    assert report.converted == ["0"]
+    assert type(model.again) is ghostops.GhostModule and model.again is model[0]
