@@ -62,9 +62,11 @@ def make_args(case: Case, dtype=torch.float32, seed=0):
     return x, params
 
 
-def run_fused(case: Case, x, params, eps=1e-5):
+def run_fused(case: Case, x, params, eps=1e-5, op=None):
+    """An eval op with ghostops::ghost_forward_eval's schema (default: that op itself)."""
     p = params
-    return torch.ops.ghostops.ghost_forward_eval(
+    op = torch.ops.ghostops.ghost_forward_eval if op is None else op
+    return op(
         x, p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], p[8], p[9], eps,
         case.oup, case.stride, "relu" if case.relu else "identity",
     )  # fmt: skip

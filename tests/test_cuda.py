@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_reference
+from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
 
 import ghostops
 from ghostops import _ext
@@ -50,11 +50,7 @@ def test_cuda_eval_matches_reference(case, dtype):
     x, params = x.cuda().to(dtype), [t.cuda().to(dtype) for t in params]
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    p = params
-    y = torch.ops.ghostops.ghost_forward_eval(
-        x, p[0], p[1], p[2], p[3], p[4], 1e-5, p[5], p[6], p[7], p[8], p[9], 1e-5,
-        case.oup, case.stride, "relu" if case.relu else "identity",
-    )  # fmt: skip
+    y = run_fused(case, x, params)
     ref = run_reference(case, x.cpu().float(), [t.cpu().float() for t in params])
     assert y.shape == ref.shape and y.dtype == dtype and y.is_cuda
     assert rel_err(y.cpu(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_reference
+from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
 
 import ghostops
 from ghostops import _ext
@@ -33,14 +33,6 @@ CASES = [
 ]
 
 
-def run_triton(case: Case, x, params, eps=1e-5):
-    p = params
-    return torch.ops.ghostops.ghost_forward_eval_triton(
-        x, p[0], p[1], p[2], p[3], p[4], eps, p[5], p[6], p[7], p[8], p[9], eps,
-        case.oup, case.stride, "relu" if case.relu else "identity",
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module", autouse=True)
 def registered():
     with ghostops.use_backend("triton"):
@@ -56,7 +48,7 @@ def test_eval_matches_reference(case, dtype):
     x, params = x.to(DEVICE, dtype), [t.to(DEVICE, dtype) for t in params]
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = run_triton(case, x, params)
+    y = run_fused(case, x, params, op=torch.ops.ghostops.ghost_forward_eval_triton)
     ref = run_reference(case, x.cpu().float(), [t.cpu().float() for t in params])
     assert y.shape == ref.shape and y.dtype == dtype
     if case.channels_last:
