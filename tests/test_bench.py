@@ -84,18 +84,20 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
 
 
 def test_whole_model_row(bench, tmp_path):
-    """The whole-GhostNet case, at a small input so that it stays fast."""
+    """The whole-GhostNet case, at a small input so that it stays fast. The training step has
+    2x2 maps at the end: with 1x1 maps and batch 2, the last BatchNorms see two values per
+    channel and amplify rounding differences past any fixed tolerance."""
     out = tmp_path / "model.json"
-    args = [*FAST, "--shapes", "1", "--model-batch", "1", "--model-train-batch", "2",
-            "--resolution", "32", "--out", str(out)]  # fmt: skip
+    args = [*FAST, "--shapes", "1", "--model-batch", "1", "--model-train-batch", "4",
+            "--resolution", "64", "--out", str(out)]  # fmt: skip
     bench.main(args)
     result = json.loads(out.read_text())
     (row,) = result["model"]
-    assert row["model"] == "ghostnet-1.0x" and row["batch"] == 1 and row["resolution"] == 32
+    assert row["model"] == "ghostnet-1.0x" and row["batch"] == 1 and row["resolution"] == 64
     assert row["ghost_modules"] == 32
     assert row["ref_ms"] > 0 and row["fused_ms"] > 0 and row["rel_err"] < 1e-3
     (train,) = result["train_model"]
-    assert train["batch"] == 2 and train["ref_ms"] > 0 and train["fused_ms"] > 0
+    assert train["batch"] == 4 and train["ref_ms"] > 0 and train["fused_ms"] > 0
     assert train["first_step_loss_fused"] == pytest.approx(train["first_step_loss_ref"], rel=1e-3)
     assert train["ref_peak_mib"] > 0 and train["fused_peak_mib"] > 0
 

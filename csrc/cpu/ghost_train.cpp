@@ -28,6 +28,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -61,29 +62,33 @@ double reduce_runs(int64_t n, F&& term) {  // sum over i < n of term(i) (a Vecto
   return total;
 }
 
-template <typename T>
-double sum_of(const T* v, int64_t n) {
-  return reduce_runs<T>(n, [&](int64_t i, int64_t c) { return Vectorized<T>::loadu(v + i, c); });
-}
-
-// Mean and M2 (sum of squared deviations) of n values: two passes over data in cache.
+// Mean and M2 (sum of squared deviations) of n values, or with `mask` of those v[i] whose mask
+// has all bits set (`count` of them; the rest have it zero): two passes over data in cache.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
 };
 
 template <typename T>
-Moments moments_of(const T* v, int64_t n) {
-  const double mean = sum_of(v, n) / double(n);
-  const Vectorized<T> c(static_cast<T>(mean));
+Moments moments_of(const T* v, int64_t n, const T* mask = nullptr, int64_t count = -1) {
+  using Vec = Vectorized<T>;
+  auto kept = [&](Vec x, int64_t i, int64_t cnt) {
+    return mask == nullptr ? x : x & Vec::loadu(mask + i, cnt);
+  };
+  if (count < 0) count = n;
+  const double mean = reduce_runs<T>(n, [&](int64_t i, int64_t cnt) {
+    return kept(Vec::loadu(v + i, cnt), i, cnt);
+  }) / double(count);
+  const Vec c(static_cast<T>(mean));
   const double m2 = reduce_runs<T>(n, [&](int64_t i, int64_t cnt) {
-    const auto d = Vectorized<T>::loadu(v + i, cnt) - c;
-    const auto masked = cnt == Vectorized<T>::size() ? d : Vectorized<T>::set(
-        Vectorized<T>(T(0)), d, cnt);
-    return masked * masked;
+    // lanes past cnt load as zero: mask them out of (v - c)
+    const Vec d = cnt == Vec::size() ? Vec::loadu(v + i) - c
+                                     : Vec::set(Vec(T(0)), Vec::loadu(v + i, cnt) - c, cnt);
+    const Vec k = kept(d, i, cnt);
+    return k * k;
   });
   // m2 is about the rounded mean; correct to the exact one (Steiner): m2 - n (mean - c)^2.
   const double shift = mean - double(static_cast<T>(mean));
-  return {double(n), mean, std::max(0.0, m2 - double(n) * shift * shift)};
+  return {double(count), mean, std::max(0.0, m2 - double(count) * shift * shift)};
 }
 
 // Chan et al.'s pairwise combination, in the order given.
@@ -133,9 +138,10 @@ inline int64_t images_per_plane_task(int64_t N, int64_t P) {
 }
 
 // out[i] = sum over taps of w[dy * d + dx] * xp[i + offset(dy, dx)], i in [lo, hi), taps in
-// row-major order. D: the kernel size as a compile-time constant (0: g.d at run time). The
-// forward and the backward's recomputation run this same code, so they round identically.
-template <typename T, int D>
+// row-major order (ACC: out[i] += that sum). D: the kernel size as a compile-time constant (0:
+// g.d at run time). The forward and the backward's recomputation run this same code, so they
+// round identically.
+template <typename T, int D, bool ACC>
 void dw_flat_impl(const Padded& g, const T* xp, const T* w, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
@@ -149,13 +155,13 @@ void dw_flat_impl(const Padded& g, const T* xp, const T* w, T* out) {
   }
   int64_t i = g.lo;
   for (; i + VL <= g.hi; i += VL) {
-    Vec acc(T(0));
+    Vec acc = ACC ? Vec::loadu(out + i) : Vec(T(0));
     for (int t = 0; t < taps; ++t) acc = at::vec::fmadd(wv[t], Vec::loadu(xp + i + off[t]), acc);
     acc.store(out + i);
   }
   if (i < g.hi) {
     const int64_t count = g.hi - i;
-    Vec acc(T(0));
+    Vec acc = ACC ? Vec::loadu(out + i, count) : Vec(T(0));
     for (int t = 0; t < taps; ++t)
       acc = at::vec::fmadd(wv[t], Vec::loadu(xp + i + off[t], count), acc);
     acc.store(out + i, count);
@@ -194,12 +200,12 @@ void dw_weight_grad_impl(const Padded& g, const T* gp, const T* xp, double* gw) 
   flush();
 }
 
-template <typename T>
+template <typename T, bool ACC = false>
 void dw_flat(const Padded& g, const T* xp, const T* w, T* out) {
   switch (g.d) {
-    case 3: return dw_flat_impl<T, 3>(g, xp, w, out);
-    case 5: return dw_flat_impl<T, 5>(g, xp, w, out);
-    default: return dw_flat_impl<T, 0>(g, xp, w, out);
+    case 3: return dw_flat_impl<T, 3, ACC>(g, xp, w, out);
+    case 5: return dw_flat_impl<T, 5, ACC>(g, xp, w, out);
+    default: return dw_flat_impl<T, 0, ACC>(g, xp, w, out);
   }
 }
 
@@ -212,16 +218,14 @@ void dw_weight_grad(const Padded& g, const T* gp, const T* xp, double* gw) {
   }
 }
 
-// dst[0, n) = src[0, n) (+= with ADD), in vectors: GhostNet's rows are 7 to 112 wide, too
-// short for memcpy's call to pay.
-template <typename T, bool ADD = false>
+// dst[0, n) = src[0, n), in vectors: GhostNet's rows are 7 to 112 wide, too short for
+// memcpy's call to pay.
+template <typename T>
 inline void copy_row(const T* src, T* dst, int64_t n) {
   using Vec = Vectorized<T>;
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    Vec v = Vec::loadu(src + i, count);
-    if constexpr (ADD) v = v + Vec::loadu(dst + i, count);
-    v.store(dst + i, count);
+    Vec::loadu(src + i, count).store(dst + i, count);
   }
 }
 
@@ -231,10 +235,10 @@ void pad_plane(const Padded& g, int64_t img, const T* src, T* dst) {
   for (int64_t r = 0; r < g.H; ++r) copy_row(src + r * g.W, dst + g.pixel(img, r), g.W);
 }
 
-// Copies (ADD: adds) image `img` of a padded stack out to (H, W).
-template <typename T, bool ADD = false>
+// Copies image `img` of a padded stack out to (H, W).
+template <typename T>
 void unpad_plane(const Padded& g, int64_t img, const T* src, T* dst) {
-  for (int64_t r = 0; r < g.H; ++r) copy_row<T, ADD>(src + g.pixel(img, r), dst + r * g.W, g.W);
+  for (int64_t r = 0; r < g.H; ++r) copy_row(src + g.pixel(img, r), dst + r * g.W, g.W);
 }
 
 // out = act(v * scale + shift) over n elements (out may be v).
@@ -251,7 +255,10 @@ void affine_act(const T* v, T* out, int64_t n, T scale, T shift) {
 // x1 = act(z1 * scale + shift) of a plane z1 (H, W), row by row into image img of the padded
 // stack xp and, if given, into out (H, W) (which may be z1). Written straight from z1: reading
 // back a plane just written with vector stores at other offsets stalls on store forwarding
-// (measured: a separate padding copy took 18 % of the backward's plane passes).
+// (measured: a separate padding copy took 18 % of the backward's plane passes). For the same
+// reason `out` is written in a second, flat pass: in place, a row's masked load right after the
+// previous row's masked store to the same 64 bytes waits for that store to retire (measured:
+// half the forward's plane-pass time at 160->960 7x7).
 template <typename T, Act A>
 void bn_act_pad(const Padded& g, int64_t img, const T* z1, T scale, T shift, T* xp, T* out) {
   using Vec = Vectorized<T>;
@@ -261,8 +268,19 @@ void bn_act_pad(const Padded& g, int64_t img, const T* z1, T scale, T shift, T* 
       const int64_t count = std::min<int64_t>(Vec::size(), g.W - i);
       const Vec v = activate_vec<A>(at::vec::fmadd(Vec::loadu(z1 + r * g.W + i, count), sc, sh));
       v.store(xp + g.pixel(img, r) + i, count);
-      if (out != nullptr) v.store(out + r * g.W + i, count);
     }
+  if (out != nullptr) affine_act<T, A>(z1, out, g.H * g.W, scale, shift);
+}
+
+// All bits set on the pixels of a padded stack, zero on its padding: `v & mask` keeps pixels.
+template <typename T>
+std::vector<T> pixel_mask(const Padded& g) {
+  T ones;
+  std::memset(&ones, 0xff, sizeof(T));
+  std::vector<T> mask(g.size, T(0));
+  for (int64_t img = 0; img < g.images; ++img)
+    for (int64_t r = 0; r < g.H; ++r) std::fill_n(mask.begin() + g.pixel(img, r), g.W, ones);
+  return mask;
 }
 
 // Sum of vectors into a double, in runs of kRun elements.
@@ -530,14 +548,16 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
     affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
                              mean1, var1);
 
-  // F2: per intrinsic channel and group of images.
+  // F2: per intrinsic channel and group of images. The moments of z2 are taken on the padded
+  // stack, masked to its pixels: read back from y right after the row-by-row copy out, they
+  // waited on store forwarding (17 % of the forward at 160->960 7x7).
   const int64_t per = s.ratio - 1, gi = images_per_plane_task(N, P), groups = (N + gi - 1) / gi;
-  std::vector<Moments> part2(N * new_ch);
+  std::vector<Moments> part2(groups * new_ch);
+  const Padded full(s.out_h, s.out_w, d, gi);
+  const std::vector<T> mask = pixel_mask<T>(full);
   at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
-    const Padded full(s.out_h, s.out_w, d, gi);
-    T* xp = scratch<T>(2 * full.size + P);
+    T* xp = scratch<T>(2 * full.size);
     T* tmp = xp + full.size;
-    T* spare = tmp + full.size;  // ghost channels past oup
     std::fill(xp, xp + full.size, T(0));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t q = t / I, c = t % I, n0 = q * gi;
@@ -548,16 +568,16 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
       }
       for (int64_t j = c * per; j < (c + 1) * per; ++j) {
         dw_flat(geo, xp, w2 + j * d * d, tmp);
-        for (int64_t g = 0; g < geo.images; ++g) {
-          T* out = j < s.ghost ? y + ((n0 + g) * s.oup + I + j) * P : spare;
-          unpad_plane(geo, g, tmp, out);
-          part2[(n0 + g) * new_ch + j] = moments_of(out, P);
-        }
+        part2[q * new_ch + j] = moments_of(tmp + geo.lo, geo.hi - geo.lo,
+                                           mask.data() + geo.lo, geo.images * P);
+        if (j >= s.ghost) continue;  // past oup: computed for its statistics only
+        for (int64_t g = 0; g < geo.images; ++g)
+          unpad_plane(geo, g, tmp, y + ((n0 + g) * s.oup + I + j) * P);
       }
     }
   });
   for (int64_t j = 0; j < new_ch; ++j)
-    affine2[j] = finalize_bn(combine(part2.data() + j, N, new_ch), j, eps2, g2, b2,
+    affine2[j] = finalize_bn(combine(part2.data() + j, groups, new_ch), j, eps2, g2, b2,
                              mean2, var2);
 
   // F3: BN2 + act in place on the ghost half of y.
@@ -695,7 +715,6 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
     c = t % I;
     return Padded(s.out_h, s.out_w, d, std::min(gi, N - n0));
   };
-
   // B1: sums of ga2 and ga2 * x2hat per (group of images, ghost channel).
   std::vector<double> sum_ga2(groups * G), sum_gx2(groups * G);
   at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
@@ -730,45 +749,40 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
   std::vector<T> w2_flipped(G * taps);
   for (int64_t j = 0; j < G; ++j)
     std::reverse_copy(p.w2 + j * taps, p.w2 + (j + 1) * taps, w2_flipped.data() + j * taps);
-  // 1 on the stack's pixels, 0 on its padding.
-  std::vector<T> interior(full.size, T(0));
-  for (int64_t g = 0; g < gi; ++g)
-    for (int64_t r = 0; r < s.out_h; ++r)
-      std::fill_n(interior.begin() + full.pixel(g, r), s.out_w, T(1));
+  const std::vector<T> mask = pixel_mask<T>(full);
 
   // B2: dz2, the cheap weight's gradient, dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 * act'(x1)
-  // (into dz1), and the sums of ga1 and ga1 * x1hat.
+  // (into dz1), and the sums of ga1 and ga1 * x1hat. dx1 is accumulated on a padded stack
+  // (dy1, then each transposed conv added in its flat pass), and read out row by row once.
   std::vector<double> dw2_part(groups * G * taps), sum_ga1(groups * I), sum_gx1(groups * I);
   at::parallel_for(0, groups * I, 1, [&](int64_t begin, int64_t end) {
-    T* xp = scratch<T>(4 * full.size + gi * P);
+    T* xp = scratch<T>(4 * full.size);
     T* gyp = xp + full.size;
     T* gp = gyp + full.size;
-    T* tmp = gp + full.size;
-    T* dx1 = tmp + full.size;
+    T* dxp = gp + full.size;
     std::fill(xp, xp + 3 * full.size, T(0));  // padding of xp, gyp; gp outside [lo, hi)
     for (int64_t t = begin; t < end; ++t) {
       int64_t n0, c;
       const Padded geo = task_geometry(t, n0, c);
       const int64_t q = t / I;
       const auto [j0, j1] = ghosts_of(c);
+      std::fill(dxp + geo.lo, dxp + geo.hi, T(0));
       for (int64_t g = 0; g < geo.images; ++g) {
-        const T* gy1 = p.gy + ((n0 + g) * s.oup + c) * P;
-        std::copy(gy1, gy1 + P, dx1 + g * P);
+        pad_plane(geo, g, p.gy + ((n0 + g) * s.oup + c) * P, dxp);
         if (j0 < j1) x1_padded<T, A>(p, geo, g, n0 + g, c, xp);
       }
       for (int64_t j = j0; j < j1; ++j) {
-        dw_flat(geo, xp, p.w2 + j * taps, tmp);
+        dw_flat(geo, xp, p.w2 + j * taps, gp);  // z2, then overwritten by dz2
         for (int64_t g = 0; g < geo.images; ++g)
           pad_plane(geo, g, p.gy + ((n0 + g) * s.oup + I + j) * P, gyp);
         const Vec k(p.gamma2[j] * p.invstd2[j]);
         const Vec mg(T(dbeta2[j] / M)), mx(T(dgamma2[j] / M));
-        ghost_elementwise<T, A>(p, geo, j, tmp, gyp, [&](int64_t i, int64_t count, Vec ga, Vec xh) {
-          const Vec dz = k * (ga - mg - xh * mx) * Vec::loadu(interior.data() + i, count);
+        ghost_elementwise<T, A>(p, geo, j, gp, gyp, [&](int64_t i, int64_t count, Vec ga, Vec xh) {
+          const Vec dz = k * (ga - mg - xh * mx) & Vec::loadu(mask.data() + i, count);
           dz.store(gp + i, count);
         });
         dw_weight_grad(geo, gp, xp, dw2_part.data() + (q * G + j) * taps);
-        dw_flat(geo, gp, w2_flipped.data() + j * taps, tmp);
-        for (int64_t g = 0; g < geo.images; ++g) unpad_plane<T, true>(geo, g, tmp, dx1 + g * P);
+        dw_flat<T, true>(geo, gp, w2_flipped.data() + j * taps, dxp);
       }
       // ga1 = dx1 * act'(x1), the activation's input recomputed from z1 as the forward did.
       const Vec sc(p.affine1[c].first), sh(p.affine1[c].second), zero(T(0));
@@ -777,15 +791,16 @@ void train_backward(const BackwardParams<T>& p, T* dz1, double* dgamma1, double*
       for (int64_t g = 0; g < geo.images; ++g) {
         T* ga1 = dz1 + ((n0 + g) * I + c) * P;
         const T* z1 = p.z1 + ((n0 + g) * I + c) * P;
-        for (int64_t i = 0; i < P; i += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), P - i);
-          const Vec z = Vec::loadu(z1 + i, count);
-          Vec ga = Vec::loadu(dx1 + g * P + i, count);
-          if constexpr (A == Act::ReLU) ga = ga & (at::vec::fmadd(z, sc, sh) > zero);
-          ga.store(ga1 + i, count);
-          a.add(ga);
-          b.add(ga * ((z - mean) * invstd));
-        }
+        for (int64_t r = 0; r < geo.H; ++r)
+          for (int64_t i = 0; i < geo.W; i += Vec::size()) {
+            const int64_t count = std::min<int64_t>(Vec::size(), geo.W - i), o = r * geo.W + i;
+            const Vec z = Vec::loadu(z1 + o, count);
+            Vec ga = Vec::loadu(dxp + geo.pixel(g, r) + i, count);
+            if constexpr (A == Act::ReLU) ga = ga & (at::vec::fmadd(z, sc, sh) > zero);
+            ga.store(ga1 + o, count);
+            a.add(ga);
+            b.add(ga * ((z - mean) * invstd));
+          }
       }
       sum_ga1[q * I + c] = a.result();
       sum_gx1[q * I + c] = b.result();
