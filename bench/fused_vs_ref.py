@@ -4,7 +4,12 @@ Cases: every unique Ghost module shape of GhostNet-1.0x (eval mode, no grad) at 
 then the whole GhostNet-1.0x at 224x224, both built from the same randomised state dict. Every
 fused output is checked against the reference first, so a wrong kernel fails loudly instead of
 being timed. Reported: median ms of each, speedup, and the fused module's achieved bandwidth
-(input + output + weights, each moved once) against the machine's measured copy bandwidth.
+(input + output + weights, each moved once) against the machine's measured copy bandwidth, and
+its roofline fraction (the time the bytes take at the copy bandwidth or the flops at the
+measured sgemm rate, whichever is longer, over the measured time). The whole model also runs
+under ``torch.compile`` (reference and ghostops) and, on the CPU, in ONNX Runtime
+(bench/competitors.py). A PNG of the per-shape speedups is written beside the JSON when
+matplotlib is installed (bench/plot.py).
 
 Run from the repository root::
 
@@ -53,6 +58,9 @@ except ImportError:  # run as `python bench/fused_vs_ref.py` from a source check
 from ghostops.backends import select_backend  # noqa: E402
 from ghostops.reference import ReferenceGhostModule  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import competitors  # noqa: E402
+
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -88,6 +96,7 @@ FULL = {
     "model_batches": (1, 32),
     "train_batches": (32,),
     "model_train_batches": (32,),
+    "compare": True,
 }
 QUICK = {
     "batches": (1, 8),
@@ -96,6 +105,7 @@ QUICK = {
     "model_batches": (1,),
     "train_batches": (8,),
     "model_train_batches": (2,),
+    "compare": False,
 }
 
 
@@ -275,11 +285,31 @@ def copy_bandwidth(h: Harness, mib: int) -> float:
     return 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9
 
 
+def sgemm_gflops(h: Harness) -> tuple[float, str]:
+    """The machine's practical peak multiply-add rate in GFLOP/s (1e9 flops/s, an FMA counted
+    as two): a large square matmul in the harness's dtype, as torch's BLAS runs it."""
+    n = 4096 if h.device.type == "cuda" else 1536
+    a, b = h.randn(n, n).contiguous(), h.randn(n, n).contiguous()
+    t = h.time(lambda: torch.mm(a, b), min_run_time=max(h.min_run_time, 0.5))
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e9, f"torch.mm {n}x{n}x{n}, {h.dtype}, median"
+
+
+def module_flops(shape: ModuleShape, batch: int, dw_size: int = 3) -> int:
+    """Multiply-adds x 2 of one Ghost module (ratio 2): the primary 1x1 conv over the input
+    channels, the depthwise conv for the ghost channels kept (BN and activation not counted)."""
+    init = (shape.out_channels + 1) // 2
+    ghost = shape.out_channels - init
+    pixels = batch * shape.height * shape.width
+    return 2 * pixels * (shape.in_channels * init + ghost * dw_size * dw_size)
+
+
 # --------------------------------------------------------------------------------------------
 # Module and model cases
 
 
-def bench_module(h: Harness, shape: ModuleShape, batch: int, copy_gbps: float) -> dict:
+def bench_module(
+    h: Harness, shape: ModuleShape, batch: int, copy_gbps: float, peak_gflops: float
+) -> dict:
     """Time one Ghost module shape, reference vs fused, same weights; return a result row."""
     args = (shape.in_channels, shape.out_channels)
     kwargs = {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1, "relu": shape.relu}
@@ -297,6 +327,8 @@ def bench_module(h: Harness, shape: ModuleShape, batch: int, copy_gbps: float) -
     element_size = x.element_size()
     nbytes = (x.numel() + y.numel()) * element_size + state_bytes(fused, element_size)
     gbps = nbytes / (t_fused.median_ms * 1e-3) / 1e9
+    flops = module_flops(shape, batch)
+    roofline_ms = max(nbytes / (copy_gbps * 1e9), flops / (peak_gflops * 1e9)) * 1e3
     return {
         **dataclasses.asdict(shape),
         "batch": batch,
@@ -310,6 +342,10 @@ def bench_module(h: Harness, shape: ModuleShape, batch: int, copy_gbps: float) -
         "bytes": nbytes,
         "fused_gbps": gbps,
         "fraction_of_copy_bandwidth": gbps / copy_gbps,
+        "flops": flops,
+        "fused_gflops": flops / (t_fused.median_ms * 1e-3) / 1e9,
+        "roofline_ms": roofline_ms,
+        "roofline_fraction": roofline_ms / t_fused.median_ms,
         "max_abs_err": (y.double() - y_ref.double()).abs().max().item(),
         "rel_err": relative_error(y, y_ref),
     }
@@ -334,15 +370,18 @@ def build_models(h: Harness) -> tuple[nn.Module, nn.Module]:
     return h.prepare(ref), h.prepare(fused)
 
 
-def bench_model(h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolution: int) -> dict:
-    """Time whole-network inference, reference vs ghostops; return a result row."""
+def bench_model(
+    h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolution: int, compare: bool
+) -> dict:
+    """Time whole-network inference, reference vs ghostops (and with ``compare`` the other ways
+    to run it fast: see bench_competitors); return a result row."""
     x = h.randn(batch, 3, resolution, resolution)
     y_ref, y = ref(x), fused(x)
     err = relative_error(y, y_ref)
     check_rel_err(err, h.tolerance.model_rel_err, f"GhostNet-{WIDTH}x, batch {batch}: output")
     t_ref = h.time(lambda: ref(x))
     t_fused = h.time(lambda: fused(x))
-    return {
+    row = {
         "model": f"ghostnet-{WIDTH}x",
         "batch": batch,
         "resolution": resolution,
@@ -355,6 +394,48 @@ def bench_model(h: Harness, ref: nn.Module, fused: nn.Module, batch: int, resolu
         "speedup": t_ref.median_ms / t_fused.median_ms,
         "rel_err": err,
     }
+    if compare:
+        row["others"] = bench_competitors(h, ref, fused, x, y_ref, f"batch {batch}")
+    return row
+
+
+# The other ways to run GhostNet, in table order: (key, label, model, make(model, x, h)).
+COMPETITORS = (
+    ("compile_ref", "torch.compile(ref)", "ref", lambda m, x, h: competitors.compiled(m, x)),
+    ("onnxruntime", "ONNX Runtime", "ref",
+     lambda m, x, h: competitors.onnxruntime_runner(m, x, h.threads)),
+    ("compile_ghostops", "torch.compile(ghostops)", "fused",
+     lambda m, x, h: competitors.compiled(m, x)),
+)  # fmt: skip
+
+
+def bench_competitors(
+    h: Harness, ref: nn.Module, fused: nn.Module, x: torch.Tensor, y_ref: torch.Tensor, what: str
+) -> dict:
+    """``torch.compile`` of the reference and of ghostops, and ONNX Runtime on an export of the
+    reference, each checked against the eager reference and timed on ``x``. A way that cannot
+    run here (onnxruntime not installed, a GPU) is reported with the reason, not timed."""
+    out = {}
+    for key, label, which, make in COMPETITORS:
+        try:
+            fn, setup_s = make(ref if which == "ref" else fused, x, h)
+        except competitors.Unavailable as e:
+            out[key] = {"label": label, "runs": which, "ms": None, "skipped": str(e)}
+            progress(f"[model] {label} skipped: {e}")
+            continue
+        with torch.no_grad():
+            err = relative_error(fn(x), y_ref)
+            check_rel_err(err, h.tolerance.model_rel_err, f"GhostNet-{WIDTH}x {label}, {what}")
+            t = h.time(lambda fn=fn: fn(x))
+        out[key] = {
+            "label": label,
+            "runs": which,  # "ref" or "fused": which network this way runs
+            "ms": t.median_ms,
+            "iqr_ms": t.iqr_ms,
+            "setup_s": setup_s,
+            "rel_err": err,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,39 +655,61 @@ def render(result: dict) -> str:
         f"{s['dtype']}{', channels_last' if s['channels_last'] else ''}, eval, no grad; "
         f"torch {m['torch']}; backend `{g['backend']}` "
         f"(available: {', '.join(g['available_backends'])}); {s['timer']}; "
-        f"copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s.",
+        f"copy bandwidth {m['copy_bandwidth_gbps']:.1f} GB/s; sgemm "
+        f"{m['sgemm_gflops']:.0f} GFLOP/s (% roofline: the time at whichever bound, bytes at "
+        "the copy bandwidth or flops at the sgemm rate, over the fused time).",
     ]
     if g["backend"] == "reference":
         lines += ["", "**The fused module ran the unfused reference path (no fused kernel here).**"]
     lines += [
         "",
         "| batch | module (in->out HxW) | uses | ref ms | fused ms | speedup | fused GB/s "
-        "| % copy BW |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| % copy BW | fused GFLOP/s | % roofline |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["modules"]:
         shape = ModuleShape.from_row(r)
         lines.append(
             f"| {r['batch']} | {shape.label} | {r['count']} | {fmt_ms(r['ref_ms'])} | "
             f"{fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x | {r['fused_gbps']:.1f} | "
-            f"{100 * r['fraction_of_copy_bandwidth']:.0f} % |"
+            f"{100 * r['fraction_of_copy_bandwidth']:.0f} % | {r['fused_gflops']:.0f} | "
+            f"{100 * r['roofline_fraction']:.0f} % |"
         )
     lines += render_summary(result["summary"])
     if result["model"]:
-        lines += [
-            "",
-            "| model | batch | input | ref ms | ghostops ms | speedup |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in result["model"]:
-            lines.append(
-                f"| {r['model']} | {r['batch']} | {r['resolution']}x{r['resolution']} | "
-                f"{fmt_ms(r['ref_ms'])} | {fmt_ms(r['fused_ms'])} | {r['speedup']:.2f}x |"
-            )
+        lines += render_model(result["model"])
     elif result["model_skipped"]:
         lines += ["", f"Whole model skipped: {result['model_skipped']}."]
     lines += render_training(result)
     return "\n".join(lines)
+
+
+def render_model(rows: list[dict]) -> list[str]:
+    """Whole-model inference: eager reference and ghostops, and where they ran, the other
+    ways (torch.compile, ONNX Runtime). "best vs best": the fastest way to run the reference
+    network over the fastest way to run ghostops's (eager or compiled)."""
+    labels = {k: o["label"] for r in rows for k, o in r.get("others", {}).items()}
+    head = "| model | batch | input | eager ref ms | ghostops ms | "
+    lines = ["", head + "".join(f"{v} ms | " for v in labels.values())]
+    lines[-1] += "ghostops vs eager | best vs best |"
+    lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(labels) + "---:|---:|")
+    for r in rows:
+        others = r.get("others", {})
+        cells = [others.get(k, {}).get("ms") for k in labels]
+        best = {"ref": r["ref_ms"], "fused": r["fused_ms"]}
+        for o in others.values():
+            if o["ms"] is not None:
+                best[o["runs"]] = min(best[o["runs"]], o["ms"])
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['resolution']}x{r['resolution']} | "
+            f"{fmt_ms(r['ref_ms'])} | {fmt_ms(r['fused_ms'])} | "
+            + "".join("skipped | " if c is None else f"{fmt_ms(c)} | " for c in cells)
+            + f"{r['speedup']:.2f}x | {best['ref'] / best['fused']:.2f}x |"
+        )
+    skipped = {o["label"]: o["skipped"] for r in rows for o in r.get("others", {}).values()
+               if o["ms"] is None}  # fmt: skip
+    lines += [f"\n{label} skipped: {why}." for label, why in skipped.items()]
+    return lines
 
 
 def render_summary(summary: list[dict]) -> list[str]:
@@ -699,6 +802,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch.get_num_threads())")
     p.add_argument("--no-model", action="store_true", help="skip the whole-GhostNet timing")
     p.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="whole model: skip torch.compile and ONNX Runtime (always skipped with --quick)",
+    )
+    p.add_argument(
         "--model-batch",
         type=int,
         nargs="+",
@@ -777,9 +885,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     backend = select_backend(h.device.type)
     copy_gbps = copy_bandwidth(h, args.copy_mib)
+    peak_gflops, peak_method = sgemm_gflops(h)
+    compare = preset["compare"] and not args.no_compare
     progress(
         f"{device_slug(h.device)}, {h.threads} threads, backend {backend!r}, "
-        f"copy bandwidth {copy_gbps:.1f} GB/s; "
+        f"copy bandwidth {copy_gbps:.1f} GB/s, sgemm {peak_gflops:.0f} GFLOP/s; "
         f"{len(shapes)}/{len(all_shapes)} shapes x batch {batches}"
     )
 
@@ -787,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         cases = [(b, s) for b in batches for s in shapes]
         for i, (batch, shape) in enumerate(cases, 1):
-            row = bench_module(h, shape, batch, copy_gbps)
+            row = bench_module(h, shape, batch, copy_gbps, peak_gflops)
             rows.append(row)
             progress(
                 f"[{i:>2}/{len(cases)}] batch {batch:>3} {shape.label:<22} "
@@ -802,12 +912,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"whole model skipped: {model_skipped}")
             else:
                 for batch in model_batches:
-                    row = bench_model(h, ref_model, fused_model, batch, args.resolution)
+                    row = bench_model(h, ref_model, fused_model, batch, args.resolution, compare)
                     model_rows.append(row)
+                    others = "".join(
+                        f"  {o['label']} {fmt_ms(o['ms'])} ms"
+                        for o in row.get("others", {}).values()
+                        if o["ms"] is not None
+                    )
                     progress(
                         f"[model] batch {batch:>3} ghostnet-{WIDTH}x "
                         f"{args.resolution}x{args.resolution}  ref {fmt_ms(row['ref_ms'])} ms  "
-                        f"ghostops {fmt_ms(row['fused_ms'])} ms  {row['speedup']:.2f}x"
+                        f"ghostops {fmt_ms(row['fused_ms'])} ms  {row['speedup']:.2f}x{others}"
                     )
     if args.no_model:
         model_skipped = "--no-model"
@@ -844,7 +959,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "benchmark": "ghostops fused Ghost module vs unfused reference (bench/fused_vs_ref.py)",
         "quick": args.quick,
-        "machine": machine_info(h, copy_gbps, args.copy_mib, busy),
+        "machine": {
+            **machine_info(h, copy_gbps, args.copy_mib, busy),
+            "sgemm_gflops": peak_gflops,
+            "sgemm_method": peak_method,
+        },
         "ghostops": {
             "version": ghostops.__version__,
             "available_backends": ghostops.available_backends(),
@@ -864,6 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "width": WIDTH,
             "module_config": {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1},
             "bytes": "input + output + floating-point parameters and buffers, each once",
+            "flops": "2 x multiply-adds: primary 1x1 conv + kept ghost channels' depthwise conv",
+            "roofline": "max(bytes / copy bandwidth, flops / sgemm rate) / measured time",
             "tolerance": dataclasses.asdict(h.tolerance),
         },
         "modules": rows,
@@ -879,6 +1000,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
     progress(f"wrote {out}")
+    try:
+        import plot
+    except ImportError as e:  # matplotlib missing
+        progress(f"no plot: {e}")
+    else:
+        png = plot.plot_speedups(result, out.with_name(out.stem + "-speedups.png"))
+        progress(f"wrote {png}")
     return 0
 
 

@@ -70,6 +70,19 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["ref_ms"] / r["fused_ms"])
         assert r["rel_err"] < 1e-4
     assert r["bytes"] == 4 * (1 * 960 * 7 * 7 + 1 * 160 * 7 * 7 + 960 * 80 + 80 * 9 + 4 * 160)
+    assert r["flops"] == 2 * 7 * 7 * (960 * 80 + 80 * 9)
+    assert machine["sgemm_gflops"] > 0
+    for r in rows:
+        assert r["fused_gflops"] == pytest.approx(r["flops"] / r["fused_ms"] / 1e6)
+        bound_ms = (
+            max(
+                r["bytes"] / machine["copy_bandwidth_gbps"],
+                r["flops"] / machine["sgemm_gflops"],
+            )
+            / 1e6
+        )
+        assert r["roofline_ms"] == pytest.approx(bound_ms)
+        assert r["roofline_fraction"] == pytest.approx(bound_ms / r["fused_ms"])
     (summary,) = result["summary"]
     assert summary["batch"] == 1 and summary["shapes"] == 2 and summary["geomean_speedup"] > 0
     assert result["model"] == [] and result["model_skipped"] == "--no-model"
@@ -78,6 +91,11 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     for r in train:
         assert r["ref_ms"] > 0 and r["fused_ms"] > 0 and r["max_rel_err"] < 1e-3
     assert result["train_summary"][0]["shapes"] == 2 and result["train_model"] == []
+    png = tmp_path / "cpu-speedups.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     table = capsys.readouterr().out
     assert "| batch | module (in->out HxW) |" in table and "960->160 7x7" in table
@@ -110,3 +128,51 @@ def test_wrong_kernel_fails_loudly(bench, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="differs from the reference"):
         bench.main([*FAST, "--shapes", "1", "--no-model", "--out", str(out)])
     assert not out.exists()
+
+
+def _module_pair(bench):
+    """A small reference Ghost module and the ghostops one with its weights, eval mode."""
+    ref = bench.randomize_batchnorm(bench.ReferenceGhostModule(16, 16)).eval()
+    fused = ghostops.GhostModule(16, 16).eval()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def test_competitors_run_checked_and_timed(bench):
+    """torch.compile of both networks and ONNX Runtime (where installed) on a small module:
+    each is checked against the eager reference, then timed."""
+    h = bench.make_harness(bench.parse_args(["--min-run-time", "0.001"]), 0.001)
+    ref, fused = _module_pair(bench)
+    x = torch.randn(2, 16, 9, 11)
+    with torch.no_grad():
+        others = bench.bench_competitors(h, ref, fused, x, ref(x), "test")
+    assert list(others) == ["compile_ref", "onnxruntime", "compile_ghostops"]
+    assert [o["runs"] for o in others.values()] == ["ref", "ref", "fused"]
+    for key, o in others.items():
+        if key == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+            assert o["ms"] is None and "not installed" in o["skipped"]
+            continue
+        assert o["ms"] > 0 and o["setup_s"] > 0 and o["rel_err"] < 1e-5
+
+
+def test_wrong_competitor_fails_loudly(bench, monkeypatch):
+    h = bench.make_harness(bench.parse_args(["--min-run-time", "0.001"]), 0.001)
+    ref, fused = _module_pair(bench)
+    x = torch.randn(1, 16, 5, 5)
+    monkeypatch.setattr(bench.competitors, "compiled", lambda m, x: (lambda x: m(x) * 1.01, 0.0))
+    with torch.no_grad(), pytest.raises(AssertionError, match="torch.compile.*differs"):
+        bench.bench_competitors(h, ref, fused, x, ref(x), "test")
+
+
+def test_model_table_best_vs_best(bench):
+    """ "best vs best": the fastest way to run the reference over the fastest ghostops way."""
+    row = {"model": "ghostnet-1.0x", "batch": 1, "resolution": 224, "ref_ms": 20.0,
+           "fused_ms": 10.0, "speedup": 2.0, "others": {
+               "compile_ref": {"label": "torch.compile(ref)", "runs": "ref", "ms": 8.0},
+               "onnxruntime": {"label": "ONNX Runtime", "runs": "ref", "ms": None,
+                               "skipped": "onnxruntime is not installed"},
+               "compile_ghostops": {"label": "torch.compile(ghostops)", "runs": "fused",
+                                    "ms": 4.0}}}  # fmt: skip
+    text = "\n".join(bench.render_model([row]))
+    assert "| 20.00 | 10.00 | 8.000 | skipped | 4.000 | 2.00x | 2.00x |" in text
+    assert "ONNX Runtime skipped: onnxruntime is not installed." in text
