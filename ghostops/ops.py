@@ -72,7 +72,9 @@ def _train_setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _train_backward(ctx, grad_y, *_unused):
+def _train_backward(ctx, grad_y, *_unused, backward_op=None):
+    """The autograd formula of a training op (CPU: ghostops::ghost_forward_train; Triton:
+    ghostops::ghost_forward_train_triton, which passes ``backward_op``): its backward op."""
     if grad_y is None:
         return (None,) * 12
     if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative itself
@@ -83,7 +85,8 @@ def _train_backward(ctx, grad_y, *_unused):
         )
     x, z1, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = torch.ops.ghostops.ghost_backward(
+    op = torch.ops.ghostops.ghost_backward if backward_op is None else backward_op()
+    grads = op(
         grad_y, x, z1, pw, g1, b1, mean1, var1, ctx.eps[0], cw, g2, b2, mean2, var2, ctx.eps[1],
         ctx.stride, ctx.act, [needs[0], needs[1]],
     )  # fmt: skip
@@ -188,8 +191,15 @@ def ghost_module(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
         )  # fmt: skip
+    triton_dtypes = (torch.float32, torch.float16, torch.bfloat16)  # f32 math inside
+    if backend == "triton" and one_by_one and batch_stats and x.dtype in triton_dtypes:
+        return _forward_train(
+            x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
+            update_running=training and has_running,
+            op=torch.ops.ghostops.ghost_forward_train_triton,
+        )  # fmt: skip
     triton_eval = backend == "triton" and one_by_one and not batch_stats
-    if triton_eval and has_running and not needs_grad:  # Triton training kernels: to come
+    if triton_eval and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval_triton(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
             cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,
@@ -207,7 +217,7 @@ def ghost_module(
 
 def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, cheap_weight,
                    bn2_weight, bn2_bias, bn2_mean, bn2_var, *, oup, stride, act, momentum, eps,
-                   update_running):  # fmt: skip
+                   update_running, op=None):  # fmt: skip
     """The fused training forward (batch statistics), then the running-statistics update that
     ``nn.BatchNorm2d`` makes: ``running = (1 - momentum) running + momentum batch``, with the
     unbiased variance; on the tensors' device, no host sync."""
@@ -217,7 +227,8 @@ def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, c
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
-    y, _z1, mean1, var1, mean2, var2 = torch.ops.ghostops.ghost_forward_train(
+    op = torch.ops.ghostops.ghost_forward_train if op is None else op
+    y, _z1, mean1, var1, mean2, var2 = op(
         x, primary_weight, bn1_weight, bn1_bias, eps, cheap_weight, bn2_weight, bn2_bias, eps,
         oup, stride, act,
     )  # fmt: skip

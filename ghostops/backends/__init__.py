@@ -104,6 +104,7 @@ def _prepared(name: str) -> str:
     imported (it imports triton, so only on first use)."""
     if name == "triton":
         import ghostops.backends.triton_kernels  # noqa: F401
+        import ghostops.backends.triton_train  # noqa: F401
     return name
 
 

@@ -1,0 +1,437 @@
+"""Triton kernels of the Ghost module in training mode: the forward with batch-statistics
+BatchNorm and its backward (DESIGN.md section 2), the same contracts as the CPU ops
+``ghostops::ghost_forward_train`` and ``ghostops::ghost_backward`` (csrc/ops.cpp).
+
+First version, correct on any config the CPU path covers; not tuned. Kernels work in float32
+whatever the input dtype; the saved z1 and the outputs are in the input's dtype.
+
+Forward, three passes:
+  F1 ``_f1_primary``: z1 = W1 x, a tl.dot GEMM over pixel tiles, stored contiguous (N, init, P);
+     each tile also stores its per-channel mean and M2, combined on the device (Chan et al.).
+  F2 ``_f2_cheap``: per (image, ghost channel, pixel tile): x1 = act(BN1(z1)) recomputed from
+     z1 with the halo (so no tile reads another's output), the depthwise conv into
+     y[:, init + j] (ghost channels past oup: statistics only), x1 itself into y[:, c]; z2 moments.
+  F3 ``_f3_affine_act``: y[:, init:] = act(BN2(z2)) in place.
+Backward (z1 and the batch statistics saved; y is not read, so callers may modify it in place):
+  B1 ``_b1_ghost_sums``: z2 recomputed as F2 computes it; per-channel sums of ga2 = dy2 act'(a2)
+     and ga2 x2hat.
+  B2 ``_b2_dz2``: dz2 (BN2 backward) into a float32 buffer, and the cheap weight's gradient.
+  B3 ``_b3_dx1``: dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 act'(a1), sums of ga1 and ga1 x1hat.
+  Then dz1 (BN1 backward) and the primary conv's two GEMMs with torch ops (torch.matmul).
+Partial sums are per tile, reduced by torch in a fixed order: results do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ghostops import ops as _ops
+from ghostops.ops import output_size
+
+BLOCK_P = 64  # pixels per tile of the plane kernels
+
+
+@triton.jit
+def _act(v, RELU: tl.constexpr):
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    return v
+
+
+@triton.jit
+def _x1_at(z_plane, hi, wi, ok, Ho, Wo, sc, sh, RELU: tl.constexpr):
+    """x1 = act(z1 * sc + sh) at (hi, wi), zero outside the map (the conv's zero padding)."""
+    inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
+    z = tl.load(z_plane + hi * Wo + wi, mask=inside, other=0.0).to(tl.float32)
+    return tl.where(inside, _act(z * sc + sh, RELU), 0.0)
+
+
+@triton.jit
+def _z2_tile(z_plane, w_row, ho, wo, ok, Ho, Wo, sc, sh, D: tl.constexpr, RELU: tl.constexpr):
+    """The depthwise conv of x1 at a tile of pixels, taps in row-major order (F2 and the
+    backward run this same code, so they round alike)."""
+    acc = tl.zeros(ho.shape, dtype=tl.float32)
+    for t in tl.static_range(D * D):
+        v = _x1_at(z_plane, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, Ho, Wo, sc, sh, RELU)
+        acc += tl.load(w_row + t).to(tl.float32) * v
+    return acc
+
+
+@triton.jit
+def _f1_primary(
+    x_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
+    n_pix, P, Wo, K, M, stride, sxn, sxc, sxh, sxw,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """z[n, m, q] = sum_k w[m, k] x[n, k, q strided]; the tile's mean / M2 per channel."""
+    pid_p = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix = pid_p * BLOCK + tl.arange(0, BLOCK)
+    ok = pix < n_pix
+    n = pix // P
+    q = pix % P
+    x_pix = n * sxn + (q // Wo * stride) * sxh + (q % Wo * stride) * sxw
+    acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
+        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
+                     mask=(ks[:, None] < K) & ok[None, :], other=0.0)  # fmt: skip
+        acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
+    row_ok = rows < M
+    tl.store(z_ptr + (n * M * P + q)[None, :] + rows[:, None] * P,
+             acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & ok[None, :])  # fmt: skip
+    count = tl.sum(ok.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(ok[None, :], acc, 0.0), axis=1) / count
+    dev = tl.where(ok[None, :], acc - mean[:, None], 0.0)
+    tl.store(mean_ptr + pid_p * M + rows, mean, mask=row_ok)
+    tl.store(m2_ptr + pid_p * M + rows, tl.sum(dev * dev, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _f2_cheap(
+    z_ptr, y_ptr, w2_ptr, sc1_ptr, sh1_ptr, mean_ptr, m2_ptr,
+    P, Ho, Wo, INIT, GHOST, NEW, PER, syn, syc, syh, syw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # (image, ghost channel j < NEW)
+    n = pid // NEW
+    j = pid % NEW
+    c = j // PER
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
+    ho = q // Wo
+    wo = q % Wo
+    z_plane = z_ptr + (n * INIT + c) * P
+    sc = tl.load(sc1_ptr + c)
+    sh = tl.load(sh1_ptr + c)
+    acc = _z2_tile(z_plane, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo, sc, sh, D, RELU)
+    y_img = y_ptr + n * syn + ho * syh + wo * syw
+    if j % PER == 0:  # the first ghost channel of c also writes x1 = act(BN1(z1)) itself
+        tl.store(y_img + c * syc, _x1_at(z_plane, ho, wo, ok, Ho, Wo, sc, sh, RELU)
+                 .to(y_ptr.dtype.element_ty), mask=ok)  # fmt: skip
+    tl.store(y_img + (INIT + j) * syc, acc.to(y_ptr.dtype.element_ty), mask=ok & (j < GHOST))
+    count = tl.sum(ok.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / count
+    dev = tl.where(ok, acc - mean, 0.0)
+    part = (n * tl.num_programs(1) + tl.program_id(1)) * NEW + j
+    tl.store(mean_ptr + part, mean)
+    tl.store(m2_ptr + part, tl.sum(dev * dev, axis=0))
+
+
+@triton.jit
+def _f3_affine_act(
+    y_ptr, sc_ptr, sh_ptr, P, Wo, INIT, GHOST, syn, syc, syh, syw,
+    RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # (image, ghost channel j < GHOST)
+    n = pid // GHOST
+    j = pid % GHOST
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
+    ptr = y_ptr + n * syn + (INIT + j) * syc + (q // Wo) * syh + (q % Wo) * syw
+    v = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+    v = _act(v * tl.load(sc_ptr + j) + tl.load(sh_ptr + j), RELU)
+    tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ghost_grads(
+    z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
+    n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    """(ga2, x2hat) of ghost channel j at a tile: z2 recomputed as F2 computes it."""
+    ho = q // Wo
+    wo = q % Wo
+    c = j // PER
+    z2 = _z2_tile(z_ptr + (n * INIT + c) * P, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo,
+                  tl.load(sc1_ptr + c), tl.load(sh1_ptr + c), D, RELU)  # fmt: skip
+    g = tl.load(gy_ptr + n * sgn + (INIT + j) * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
+    ga = g.to(tl.float32)
+    if RELU:
+        ga = tl.where(z2 * tl.load(sc2_ptr + j) + tl.load(sh2_ptr + j) > 0.0, ga, 0.0)
+    ga = tl.where(ok, ga, 0.0)
+    xh = (z2 - tl.load(mean2_ptr + j)) * tl.load(invstd2_ptr + j)
+    return ga, xh
+
+
+@triton.jit
+def _b1_ghost_sums(
+    z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
+    sum_ga_ptr, sum_gx_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # (image, ghost channel j < GHOST)
+    n = pid // GHOST
+    j = pid % GHOST
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
+    ga, xh = _ghost_grads(z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr,
+                          invstd2_ptr, n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
+                          D, RELU)  # fmt: skip
+    part = (n * tl.num_programs(1) + tl.program_id(1)) * GHOST + j
+    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0))
+    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
+
+
+@triton.jit
+def _b2_dz2(
+    z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
+    k2_ptr, mg2_ptr, mx2_ptr, dz2_ptr, dw_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dz2 = k2 (ga2 - mean(ga2) - x2hat mean(ga2 x2hat)) into dz2 (N, GHOST, P), and per tile
+    and tap the cheap weight's gradient sum dz2[q] x1[q + offset(tap)]."""
+    pid = tl.program_id(0)
+    n = pid // GHOST
+    j = pid % GHOST
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
+    ga, xh = _ghost_grads(z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr,
+                          invstd2_ptr, n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
+                          D, RELU)  # fmt: skip
+    dz = tl.load(k2_ptr + j) * (ga - tl.load(mg2_ptr + j) - xh * tl.load(mx2_ptr + j))
+    dz = tl.where(ok, dz, 0.0)
+    tl.store(dz2_ptr + (n * GHOST + j) * P + q, dz, mask=ok)
+    ho = q // Wo
+    wo = q % Wo
+    c = j // PER
+    z_plane = z_ptr + (n * INIT + c) * P
+    sc = tl.load(sc1_ptr + c)
+    sh = tl.load(sh1_ptr + c)
+    part = ((n * tl.num_programs(1) + tl.program_id(1)) * GHOST + j) * D * D
+    for t in tl.static_range(D * D):
+        v = _x1_at(z_plane, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, Ho, Wo, sc, sh, RELU)
+        tl.store(dw_ptr + part + t, tl.sum(dz * v, axis=0))
+
+
+@triton.jit
+def _b3_dx1(
+    z_ptr, gy_ptr, dz2_ptr, w2_ptr, sc1_ptr, sh1_ptr, mean1_ptr, invstd1_ptr, ga1_ptr,
+    sum_ga_ptr, sum_gx_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """ga1 = (dy1 + dwconv^T(dz2)) act'(a1) into ga1 (N, INIT, P); its sums and ga1 x1hat's."""
+    pid = tl.program_id(0)  # (image, intrinsic channel c)
+    n = pid // INIT
+    c = pid % INIT
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
+    ho = q // Wo
+    wo = q % Wo
+    dx = tl.load(gy_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
+    dx = dx.to(tl.float32)
+    for jj in range(PER):
+        j = c * PER + jj
+        for t in tl.static_range(D * D):  # the transposed conv: taps from the other side
+            hi = ho - (t // D - D // 2)
+            wi = wo - (t % D - D // 2)
+            inside = ok & (j < GHOST) & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
+            g = tl.load(dz2_ptr + (n * GHOST + j) * P + hi * Wo + wi, mask=inside, other=0.0)
+            dx += tl.load(w2_ptr + j * D * D + t, mask=j < GHOST, other=0.0).to(tl.float32) * g
+    z = tl.load(z_ptr + (n * INIT + c) * P + q, mask=ok, other=0.0).to(tl.float32)
+    ga = dx
+    if RELU:
+        ga = tl.where(z * tl.load(sc1_ptr + c) + tl.load(sh1_ptr + c) > 0.0, ga, 0.0)
+    ga = tl.where(ok, ga, 0.0)
+    tl.store(ga1_ptr + (n * INIT + c) * P + q, ga, mask=ok)
+    xh = (z - tl.load(mean1_ptr + c)) * tl.load(invstd1_ptr + c)
+    part = (n * tl.num_programs(1) + tl.program_id(1)) * INIT + c
+    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0))
+    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
+
+
+def _combine(mean: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor):
+    """Per-channel mean and biased variance from per-tile (mean, M2) rows of ``counts`` values
+    each (Chan et al.), in float64."""
+    c = counts.double()[:, None]
+    total = c.sum()
+    mean64 = (mean.double() * c).sum(0) / total
+    m2_64 = m2.double().sum(0) + (c * (mean.double() - mean64) ** 2).sum(0)
+    return mean64, m2_64 / total
+
+
+def _bn_affine(mean, var, gamma, beta, eps):
+    """x -> scale x + shift of a BatchNorm with these batch statistics, float32. Forward and
+    backward derive it here from the same rounded statistics, so they recompute alike."""
+    invstd = torch.rsqrt(var.float() + eps)
+    scale = gamma.float() * invstd
+    return scale, beta.float() - mean.float() * scale, invstd
+
+
+def _tile_counts(n_pix: int, device) -> torch.Tensor:
+    blocks = triton.cdiv(n_pix, BLOCK_P)
+    return (n_pix - torch.arange(blocks, device=device) * BLOCK_P).clamp(max=BLOCK_P)
+
+
+@triton_op("ghostops::ghost_forward_train_triton", mutates_args=())
+def ghost_forward_train_triton(
+    x: torch.Tensor,
+    primary_weight: torch.Tensor,
+    bn1_weight: torch.Tensor,
+    bn1_bias: torch.Tensor,
+    bn1_eps: float,
+    cheap_weight: torch.Tensor,
+    bn2_weight: torch.Tensor,
+    bn2_bias: torch.Tensor,
+    bn2_eps: float,
+    oup: int,
+    stride: int,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode Ghost module, the contract of ``ghostops::ghost_forward_train``:
+    (y, z1, batch mean1, biased var1, mean2, var2)."""
+    n, inp, h, w = x.shape
+    init, new, d = primary_weight.shape[0], cheap_weight.shape[0], cheap_weight.shape[-1]
+    ghost, per = oup - init, new // init
+    ho, wo = output_size(h, 1, stride), output_size(w, 1, stride)
+    P, dev = ho * wo, x.device
+    fmt = torch._prims_common.suggest_memory_format(x)
+    y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=dev, memory_format=fmt)
+    z1 = torch.empty((n, init, ho, wo), dtype=x.dtype, device=dev)
+    relu = act == "relu"
+
+    blocks1 = triton.cdiv(n * P, BLOCK_P)
+    part_mean1 = torch.empty((blocks1, init), dtype=torch.float32, device=dev)
+    part_m21 = torch.empty_like(part_mean1)
+    block_m = max(16, min(64, triton.next_power_of_2(init)))
+    block_k = max(16, min(32, triton.next_power_of_2(inp)))
+    w1 = primary_weight.reshape(init, inp).contiguous()
+    wrap_triton(_f1_primary)[(blocks1, triton.cdiv(init, block_m))](
+        x, w1, z1, part_mean1, part_m21, n * P, P, wo, inp, init, stride, *x.stride(),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P,
+    )  # fmt: skip
+    m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
+    mean1, var1 = m1.to(x.dtype), v1.to(x.dtype)
+    sc1, sh1, _ = _bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
+
+    tiles = triton.cdiv(P, BLOCK_P)
+    part_mean2 = torch.empty((n * tiles, new), dtype=torch.float32, device=dev)
+    part_m22 = torch.empty_like(part_mean2)
+    w2 = cheap_weight.reshape(new, d * d).contiguous()
+    wrap_triton(_f2_cheap)[(n * new, tiles)](
+        z1, y, w2, sc1, sh1, part_mean2, part_m22, P, ho, wo, init, ghost, new, per, *y.stride(),
+        D=d, RELU=relu, BLOCK=BLOCK_P,
+    )  # fmt: skip
+    counts2 = _tile_counts(P, dev).repeat(n)
+    m2, v2 = _combine(part_mean2, part_m22, counts2)
+    mean2, var2 = m2.to(x.dtype), v2.to(x.dtype)
+    if ghost > 0:
+        sc2, sh2, _ = _bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
+        wrap_triton(_f3_affine_act)[(n * ghost, tiles)](
+            y, sc2, sh2, P, wo, init, ghost, *y.stride(), RELU=relu, BLOCK=BLOCK_P
+        )
+    return y, z1, mean1, var1, mean2, var2
+
+
+@triton_op("ghostops::ghost_backward_triton", mutates_args=())
+def ghost_backward_triton(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    z1: torch.Tensor,
+    primary_weight: torch.Tensor,
+    bn1_weight: torch.Tensor,
+    bn1_bias: torch.Tensor,
+    mean1: torch.Tensor,
+    var1: torch.Tensor,
+    bn1_eps: float,
+    cheap_weight: torch.Tensor,
+    bn2_weight: torch.Tensor,
+    bn2_bias: torch.Tensor,
+    mean2: torch.Tensor,
+    var2: torch.Tensor,
+    bn2_eps: float,
+    stride: int,
+    act: str,
+    output_mask: list[bool],
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:  # fmt: skip
+    """The backward of ghost_forward_train_triton, the contract of ``ghostops::ghost_backward``:
+    grads of (x, primary weight, bn1 weight, bn1 bias, cheap weight, bn2 weight, bn2 bias);
+    those of x and the primary weight only where output_mask asks (else empty)."""
+    n, inp, h, w = x.shape
+    _, oup, ho, wo = grad_y.shape
+    init, new, d = primary_weight.shape[0], cheap_weight.shape[0], cheap_weight.shape[-1]
+    ghost, per = oup - init, new // init
+    P, dev, f32 = ho * wo, x.device, torch.float32
+    M = n * P
+    relu = act == "relu"
+    tiles = triton.cdiv(P, BLOCK_P)
+    sc1, sh1, invstd1 = _bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
+    sc2, sh2, invstd2 = _bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
+    mean1f, mean2f = mean1.float().contiguous(), mean2.float().contiguous()
+    w2 = cheap_weight.reshape(new, d * d).contiguous()
+    z1 = z1.contiguous()
+    gs = grad_y.stride()
+
+    dgamma2 = torch.zeros(new, dtype=f32, device=dev)
+    dbeta2 = torch.zeros(new, dtype=f32, device=dev)
+    dw2 = torch.zeros((new, d * d), dtype=f32, device=dev)
+    dz2 = torch.empty((n, max(ghost, 1), P), dtype=f32, device=dev)
+    if ghost > 0:
+        sum_ga = torch.empty((n * tiles, ghost), dtype=f32, device=dev)
+        sum_gx = torch.empty_like(sum_ga)
+        common = (z1, grad_y, w2, sc1, sh1, sc2, sh2, mean2f, invstd2)
+        wrap_triton(_b1_ghost_sums)[(n * ghost, tiles)](
+            *common, sum_ga, sum_gx, P, ho, wo, init, ghost, per, *gs,
+            D=d, RELU=relu, BLOCK=BLOCK_P,
+        )  # fmt: skip
+        dbeta2[:ghost] = sum_ga.sum(0)
+        dgamma2[:ghost] = sum_gx.sum(0)
+        k2 = (bn2_weight.float() * invstd2)[:ghost].contiguous()
+        mg2, mx2 = (dbeta2[:ghost] / M).contiguous(), (dgamma2[:ghost] / M).contiguous()
+        dw_part = torch.empty((n * tiles, ghost, d * d), dtype=f32, device=dev)
+        wrap_triton(_b2_dz2)[(n * ghost, tiles)](
+            *common, k2, mg2, mx2, dz2, dw_part, P, ho, wo, init, ghost, per, *gs,
+            D=d, RELU=relu, BLOCK=BLOCK_P,
+        )  # fmt: skip
+        dw2[:ghost] = dw_part.sum(0)
+
+    ga1 = torch.empty((n, init, P), dtype=f32, device=dev)
+    sum_ga1 = torch.empty((n * tiles, init), dtype=f32, device=dev)
+    sum_gx1 = torch.empty_like(sum_ga1)
+    wrap_triton(_b3_dx1)[(n * init, tiles)](
+        z1, grad_y, dz2, w2, sc1, sh1, mean1f, invstd1, ga1, sum_ga1, sum_gx1,
+        P, ho, wo, init, ghost, per, *gs, D=d, RELU=relu, BLOCK=BLOCK_P,
+    )  # fmt: skip
+    dbeta1, dgamma1 = sum_ga1.sum(0), sum_gx1.sum(0)
+
+    # dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs.
+    k1 = (bn1_weight.float() * invstd1)[:, None]
+    x1hat = (z1.reshape(n, init, P).float() - mean1f[:, None]) * invstd1[:, None]
+    dz1 = k1 * (ga1 - (dbeta1 / M)[:, None] - x1hat * (dgamma1 / M)[:, None])
+    w1 = primary_weight.reshape(init, inp).float()
+    grad_x = x.new_empty(0)
+    grad_w1 = x.new_empty(0)
+    if output_mask[0]:
+        gxs = torch.matmul(w1.t(), dz1).reshape(n, inp, ho, wo).to(x.dtype)
+        if stride == 1:
+            grad_x = gxs.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+        else:
+            grad_x = torch.zeros_like(x)
+            grad_x[:, :, ::stride, ::stride] = gxs
+    if output_mask[1]:
+        xs = x[:, :, ::stride, ::stride].reshape(n, inp, P).float()
+        gw = torch.einsum("nip,ncp->ic", dz1, xs)
+        grad_w1 = gw.reshape(primary_weight.shape).to(x.dtype)
+    dt = x.dtype
+    return (grad_x, grad_w1, dgamma1.to(dt), dbeta1.to(dt), dw2.reshape(cheap_weight.shape).to(dt),
+            dgamma2.to(dt), dbeta2.to(dt))  # fmt: skip
+
+
+torch.library.register_autograd(
+    "ghostops::ghost_forward_train_triton",
+    functools.partial(
+        _ops._train_backward, backward_op=lambda: torch.ops.ghostops.ghost_backward_triton
+    ),
+    setup_context=_ops._train_setup_context,
+)
