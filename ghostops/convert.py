@@ -6,8 +6,10 @@ are ``primary_conv`` = Sequential(Conv2d, BatchNorm2d, activation) and ``cheap_o
 Sequential(depthwise Conv2d, BatchNorm2d, activation), with ReLU or identity activations and an
 ``oup`` (paper) or ``out_chs`` (timm) attribute. The replacement takes over the original conv and
 BatchNorm modules themselves, so parameters, buffers, device, dtype, train/eval flag and any
-optimizer already holding those parameters carry over unchanged. A module that looks like a Ghost
-module but cannot be represented exactly is left alone and listed in the report.
+optimizer already holding those parameters carry over unchanged; each BatchNorm keeps its own
+train flag (frozen BNs), eps and momentum, which ``GhostModule`` follows. A module that looks
+like a Ghost module but cannot be represented exactly (other activations, hooks, extra
+children...) is left alone and listed in the report.
 
 ``revert(model)`` turns every ``ghostops.GhostModule`` back into the paper's module
 (``ghostops.reference.ReferenceGhostModule``), for export to tools that do not know ghostops' ops.
@@ -78,11 +80,6 @@ def _hooked(modules: list[nn.Module]) -> list[str]:
     return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
 
 
-def _counter(bn: nn.BatchNorm2d) -> int | None:
-    n = bn.num_batches_tracked
-    return None if n is None else int(n)
-
-
 def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:
     """GhostModule constructor arguments for ``module``, or (None, why it cannot convert)."""
     children = dict(module.named_children())
@@ -108,12 +105,6 @@ def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:
             return None, f"{what} is not a BatchNorm2d of {conv.out_channels} channels"
         if not bn.affine:
             return None, f"{what} is not affine"
-    if (bn1.eps, bn1.momentum, bn1.track_running_stats) != (
-        bn2.eps,
-        bn2.momentum,
-        bn2.track_running_stats,
-    ):
-        return None, "the two BatchNorms differ in eps, momentum or track_running_stats"
     kinds = {_activation(act1), _activation(act2)}
     if None in kinds or len(kinds) != 1:
         return None, (
@@ -123,13 +114,6 @@ def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:
     hooked = _hooked([module, conv1, bn1, act1, conv2, bn2, act2])
     if hooked:
         return None, f"has hooks on {hooked} (GhostModule calls none of its submodules)"
-    if bn1.training != bn2.training or bn1.training != module.training:
-        return None, (
-            f"train/eval flags differ (module {module.training}, BatchNorms {bn1.training} / "
-            f"{bn2.training}): frozen BatchNorm, GhostModule follows its own flag only"
-        )
-    if bn1.momentum is None and bn1.track_running_stats and _counter(bn1) != _counter(bn2):
-        return None, "momentum=None and the BatchNorms' num_batches_tracked differ"
     oup = getattr(module, "oup", getattr(module, "out_chs", None))
     if not isinstance(oup, int) or math.ceil(oup / ratio) != init:
         return None, f"output channels {oup!r} do not match {init} intrinsic channels"
@@ -151,7 +135,12 @@ def _rebuild(cls: type[nn.Module], spec: dict, source: nn.Module) -> nn.Module:
     for seq in _GHOST_CHILDREN:
         for i in (0, 1):
             getattr(new, seq)[i] = getattr(source, seq)[i]
-    new.train(source.training)  # the activations hold no tensors: nothing else to carry
+    # Every module keeps its own train flag (not new.train(...), which would unfreeze frozen
+    # BatchNorms); the activations hold no tensors: nothing else to carry.
+    sources = dict(source.named_modules())
+    for name, m in new.named_modules():
+        if name in sources:
+            m.training = sources[name].training
     return new
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ghostops.ops import ghost_module
@@ -54,20 +55,26 @@ class GhostModule(nn.Module):
                 f"GhostModule: expected input with {self.inp} channels (inp), got {x.shape[1]}"
             )
         bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
-        momentum, use_batch_stats = _batch_norm_step(bn1, self.training)
-        _batch_norm_step(bn2, self.training)
+        if not _fusable_pair(bn1, bn2):  # the paper's forward, each BatchNorm on its own
+            x1 = self.primary_conv(x)
+            return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
+        # Each BatchNorm follows its own train flag, as in the paper's module: frozen
+        # BatchNorms (bn.eval() inside a training model) normalise with running statistics.
+        training = bn1.training
+        momentum, use_batch_stats = _batch_norm_step(bn1, training)
+        _batch_norm_step(bn2, training)
         return ghost_module(
             x,
             self.primary_conv[0].weight,
             bn1.weight,
             bn1.bias,
-            bn1.running_mean if not self.training or bn1.track_running_stats else None,
-            bn1.running_var if not self.training or bn1.track_running_stats else None,
+            bn1.running_mean if not training or bn1.track_running_stats else None,
+            bn1.running_var if not training or bn1.track_running_stats else None,
             self.cheap_operation[0].weight,
             bn2.weight,
             bn2.bias,
-            bn2.running_mean if not self.training or bn2.track_running_stats else None,
-            bn2.running_var if not self.training or bn2.track_running_stats else None,
+            bn2.running_mean if not training or bn2.track_running_stats else None,
+            bn2.running_var if not training or bn2.track_running_stats else None,
             oup=self.oup,
             ratio=self.ratio,
             dw_size=self.dw_size,
@@ -77,6 +84,23 @@ class GhostModule(nn.Module):
             momentum=momentum,
             eps=bn1.eps,
         )
+
+
+def _fusable_pair(bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d) -> bool:
+    """Whether one fused op reproduces both BatchNorms: it takes one train flag, eps and
+    momentum for the two, and affine parameters. Anything else (one BN frozen, different eps or
+    momentum, momentum=None with different batch counters, no affine) runs the submodules."""
+    same = (
+        bn1.training == bn2.training
+        and bn1.eps == bn2.eps
+        and bn1.momentum == bn2.momentum
+        and bn1.track_running_stats == bn2.track_running_stats
+        and bn1.affine
+        and bn2.affine
+    )
+    if same and bn1.momentum is None and bn1.training and bn1.track_running_stats:
+        same = bool(bn1.num_batches_tracked == bn2.num_batches_tracked)
+    return same
 
 
 def _batch_norm_step(bn: nn.BatchNorm2d, training: bool) -> tuple[float, bool]:

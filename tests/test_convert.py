@@ -122,11 +122,10 @@ def test_modules_it_cannot_represent_are_left_alone_and_reported():
     extra.gate = nn.Sigmoid()  # like GhostModuleV2: more than the two branches
     model = nn.Sequential(ReferenceGhostModule(4, 8), eps, SiLUGhost(), extra, nn.ReLU())
     model, report = ghostops.convert(model, report=True)
-    assert report.converted == ["0"]
-    assert set(report.skipped) == {"1", "2", "3"}
-    assert "eps" in report.skipped["1"] and "SiLU" in report.skipped["2"]
-    assert "gate" in report.skipped["3"]
-    assert [type(m) for m in model] == [ghostops.GhostModule, ReferenceGhostModule, SiLUGhost,
+    assert report.converted == ["0", "1"]  # BNs with their own eps: GhostModule follows them
+    assert set(report.skipped) == {"2", "3"}
+    assert "SiLU" in report.skipped["2"] and "gate" in report.skipped["3"]
+    assert [type(m) for m in model] == [ghostops.GhostModule, ghostops.GhostModule, SiLUGhost,
                                         ReferenceGhostModule, nn.ReLU]  # fmt: skip
 
 
@@ -146,24 +145,42 @@ def test_convert_timm_ghostnet():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
-def test_modules_whose_behaviour_lives_outside_the_ghost_forward_are_left_alone():
+def test_frozen_batchnorms_and_own_bn_settings_convert_exactly():
+    """Frozen BatchNorms (running statistics in a training model) and BNs with their own eps /
+    momentum=None counts convert: GhostModule follows each BN's own settings."""
     x = torch.randn(4, 6, 8, 8)
     frozen = randomize(ReferenceGhostModule(6, 6)).train()
-    frozen.primary_conv[1].eval()  # frozen BatchNorms: running statistics in training
+    frozen.primary_conv[1].eval()
     frozen.cheap_operation[1].eval()
-    cumulative = ReferenceGhostModule(6, 6)
+    half_frozen = randomize(ReferenceGhostModule(6, 6)).train()
+    half_frozen.cheap_operation[1].eval()
+    cumulative = randomize(ReferenceGhostModule(6, 6)).train()
     for bn in (cumulative.primary_conv[1], cumulative.cheap_operation[1]):
         bn.momentum = None  # the cumulative average, each BN with its own count
     cumulative.primary_conv[1].num_batches_tracked.fill_(3)
+    cumulative.cheap_operation[1].eps = 1e-3
+    model = nn.Sequential(frozen, half_frozen, cumulative)
+    expected_model = copy.deepcopy(model)
+    model, report = ghostops.convert(model, report=True)
+    assert report.converted == ["0", "1", "2"] and report.skipped == {}
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = model(xf), expected_model(xr)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    for a, b in zip(model.state_dict().values(), expected_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hooked_modules_are_left_alone():
+    x = torch.randn(4, 6, 8, 8)
     hooked = randomize(ReferenceGhostModule(6, 6)).eval()
     hooked.primary_conv[1].register_forward_hook(lambda m, i, out: out * 2)
-    model = nn.Sequential(frozen, cumulative, hooked)
+    model = nn.Sequential(hooked)
     expected = copy.deepcopy(model)(x)
     model, report = ghostops.convert(model, report=True)
-    assert report.converted == [] and set(report.skipped) == {"0", "1", "2"}
-    assert "flags" in report.skipped["0"] and "num_batches_tracked" in report.skipped["1"]
-    assert "hooks" in report.skipped["2"]
-    assert [b.training for b in model.modules() if isinstance(b, nn.BatchNorm2d)][:2] == [False] * 2
+    assert report.converted == [] and "hooks" in report.skipped["0"]
     torch.testing.assert_close(model(x), expected)
 
 

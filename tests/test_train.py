@@ -296,3 +296,48 @@ def test_double_backward_is_a_clear_error():
     assert g.shape == x.shape
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
+
+
+def _pair_with_reference(configure):
+    """(ghostops.GhostModule, ReferenceGhostModule) with one random state, in train mode, then
+    ``configure(module)`` applied to each (freezing a BatchNorm, changing its eps...)."""
+    torch.manual_seed(0)
+    ref = ReferenceGhostModule(6, 10).train()
+    for bn in (ref.primary_conv[1], ref.cheap_operation[1]):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    fused = ghostops.GhostModule(6, 10).train()
+    fused.load_state_dict(ref.state_dict())
+    configure(ref)
+    configure(fused)
+    return fused, ref
+
+
+@pytest.mark.parametrize(
+    "name, configure",
+    [
+        ("both BNs frozen", lambda m: (m.primary_conv[1].eval(), m.cheap_operation[1].eval())),
+        ("BN1 frozen", lambda m: m.primary_conv[1].eval()),
+        ("BN2 frozen", lambda m: m.cheap_operation[1].eval()),
+        ("different eps", lambda m: setattr(m.cheap_operation[1], "eps", 1e-3)),
+        ("different momentum", lambda m: setattr(m.primary_conv[1], "momentum", 0.3)),
+    ],
+)
+def test_each_batchnorm_follows_its_own_settings(name, configure):
+    """As in the paper's module, each BatchNorm uses its own train flag, eps and momentum (a
+    frozen BN inside a training model normalises with its running statistics)."""
+    fused, ref = _pair_with_reference(configure)
+    x = torch.randn(3, 6, 7, 9)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = fused(xf), ref(xr)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    ramp = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    y.backward(ramp)
+    y_ref.backward(ramp)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (key, a), b in zip(fused.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    for (pname, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"{name}: {pname}")

@@ -1,6 +1,7 @@
 """The Triton backend (ghostops/backends/triton_kernels.py, triton_train.py): the eval forward,
-and the training forward, gradients and running statistics, against the float64 reference. Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in
-conftest.py), on small shapes; the same tests run at real sizes on a GPU (marked ``gpu``)."""
+and the training forward, gradients and running statistics, against the float64 reference.
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py), on
+small shapes; the same tests run at real sizes on a GPU (marked ``gpu``)."""
 
 from __future__ import annotations
 
