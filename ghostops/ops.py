@@ -235,9 +235,9 @@ def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, c
     if update_running and momentum:
         unbias = count / (count - 1)
         with torch.no_grad():  # running += momentum * (batch - running): one foreach kernel
+            running = [bn1_mean, bn1_var, bn2_mean, bn2_var]
+            batch = [mean1, var1 * unbias, mean2, var2 * unbias]
             torch._foreach_lerp_(
-                [bn1_mean, bn1_var, bn2_mean, bn2_var],
-                [mean1, var1 * unbias, mean2, var2 * unbias],
-                momentum,
+                running, [b.to(r.dtype) for b, r in zip(batch, running, strict=True)], momentum
             )
     return y

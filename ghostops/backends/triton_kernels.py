@@ -50,7 +50,7 @@ def _primary_kernel(
         acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
     acc += tl.load(b_ptr + rows, mask=rows < M, other=0.0)[:, None]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in F.relu
     y_off = rows[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & pix_ok[None, :])  # fmt: skip
@@ -81,7 +81,7 @@ def _cheap_kernel(
         acc += tl.load(w_ptr + j * D * D + t).to(tl.float32) * v.to(tl.float32)
     acc += tl.load(b_ptr + j).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in F.relu
     dst = y_ptr + n * syn + (INIT + j) * syc + ho * syh + wo * syw
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
 

@@ -3,7 +3,10 @@ BatchNorm and its backward (DESIGN.md section 2), the same contracts as the CPU 
 ``ghostops::ghost_forward_train`` and ``ghostops::ghost_backward`` (csrc/ops.cpp).
 
 First version, correct on any config the CPU path covers; not tuned. Kernels work in float32
-whatever the input dtype; the saved z1 and the outputs are in the input's dtype.
+whatever the input dtype; the outputs are in the input's dtype, the saved z1 and the batch
+statistics in float32 for float16 / bfloat16 inputs (a float16 variance overflows past 65504;
+z1 rounded to float16 cost a 2e-2 relative error in the input gradient) and in the input's
+dtype for float32. BatchNorm parameters may be float32 with float16 inputs.
 
 Forward, three passes:
   F1 ``_f1_primary``: z1 = W1 x, a tl.dot GEMM over pixel tiles, stored contiguous (N, init, P);
@@ -39,7 +42,7 @@ BLOCK_P = 64  # pixels per tile of the plane kernels
 @triton.jit
 def _act(v, RELU: tl.constexpr):
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as in F.relu
     return v
 
 
@@ -248,6 +251,50 @@ def _b3_dx1(
     tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
 
 
+def _check_args(op, x, primary_weight, cheap_weight, oup, stride, vectors):
+    """The CPU op's argument checks (csrc/ghost_common.cpp), compile-friendly: a bad call is an
+    error, never an out-of-bounds read. ``vectors``: (name, tensor, expected length)."""
+    torch._check(x.dim() == 4, lambda: f"{op}: x must be 4-D, got {tuple(x.shape)}")
+    init = primary_weight.shape[0]
+    torch._check(
+        primary_weight.dim() == 4 and tuple(primary_weight.shape[1:]) == (x.shape[1], 1, 1),
+        lambda: (
+            f"{op}: primary_weight must be ({init}, {x.shape[1]}, 1, 1), got "
+            f"{tuple(primary_weight.shape)}"
+        ),
+    )
+    new, d = cheap_weight.shape[0], cheap_weight.shape[-1]
+    torch._check(
+        cheap_weight.dim() == 4 and tuple(cheap_weight.shape[1:]) == (1, d, d) and d % 2 == 1,
+        lambda: (
+            f"{op}: cheap_weight must be (new, 1, d, d) with d odd, got {tuple(cheap_weight.shape)}"
+        ),
+    )
+    ratio = new // init + 1 if init > 0 else 0
+    torch._check(
+        init > 0 and new % init == 0 and new >= init and -(-oup // ratio) == init,
+        lambda: f"{op}: oup={oup} does not match {init} intrinsic channels at ratio {ratio}",
+    )
+    torch._check(stride >= 1, lambda: f"{op}: stride must be >= 1, got {stride}")
+    torch._check(x.numel() < 2**31, lambda: f"{op}: tensors of 2^31 elements or more")
+    for t in (primary_weight, cheap_weight):
+        torch._check(t.dtype == x.dtype and t.device == x.device,
+                     lambda: f"{op}: the conv weights must match x's dtype and device")  # fmt: skip
+    for name, t, size in vectors:
+        torch._check(
+            t.dim() == 1 and t.shape[0] == size and t.device == x.device,
+            lambda name=name, t=t, size=size: (
+                f"{op}: {name} must be a vector of {size} on "
+                f"{x.device}, got {tuple(t.shape)} on {t.device}"
+            ),
+        )
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Batch statistics: float32 for half inputs (a float16 variance overflows past 65504)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def _combine(mean: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor):
     """Per-channel mean and biased variance from per-tile (mean, M2) rows of ``counts`` values
     each (Chan et al.), in float64."""
@@ -288,14 +335,18 @@ def ghost_forward_train_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode Ghost module, the contract of ``ghostops::ghost_forward_train``:
     (y, z1, batch mean1, biased var1, mean2, var2)."""
+    init, new = primary_weight.shape[0], cheap_weight.shape[0]
+    _check_args("ghost_forward_train_triton", x, primary_weight, cheap_weight, oup, stride, (
+        ("bn1_weight", bn1_weight, init), ("bn1_bias", bn1_bias, init),
+        ("bn2_weight", bn2_weight, new), ("bn2_bias", bn2_bias, new)))  # fmt: skip
     n, inp, h, w = x.shape
-    init, new, d = primary_weight.shape[0], cheap_weight.shape[0], cheap_weight.shape[-1]
+    d = cheap_weight.shape[-1]
     ghost, per = oup - init, new // init
     ho, wo = output_size(h, 1, stride), output_size(w, 1, stride)
     P, dev = ho * wo, x.device
     fmt = torch._prims_common.suggest_memory_format(x)
     y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=dev, memory_format=fmt)
-    z1 = torch.empty((n, init, ho, wo), dtype=x.dtype, device=dev)
+    z1 = torch.empty((n, init, ho, wo), dtype=_stats_dtype(x), device=dev)  # float32 for half
     relu = act == "relu"
 
     blocks1 = triton.cdiv(n * P, BLOCK_P)
@@ -309,7 +360,7 @@ def ghost_forward_train_triton(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P,
     )  # fmt: skip
     m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
-    mean1, var1 = m1.to(x.dtype), v1.to(x.dtype)
+    mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))
     sc1, sh1, _ = _bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
 
     tiles = triton.cdiv(P, BLOCK_P)
@@ -322,7 +373,7 @@ def ghost_forward_train_triton(
     )  # fmt: skip
     counts2 = _tile_counts(P, dev).repeat(n)
     m2, v2 = _combine(part_mean2, part_m22, counts2)
-    mean2, var2 = m2.to(x.dtype), v2.to(x.dtype)
+    mean2, var2 = m2.to(_stats_dtype(x)), v2.to(_stats_dtype(x))
     if ghost > 0:
         sc2, sh2, _ = _bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
         wrap_triton(_f3_affine_act)[(n * ghost, tiles)](
@@ -358,9 +409,23 @@ def ghost_backward_triton(
     """The backward of ghost_forward_train_triton, the contract of ``ghostops::ghost_backward``:
     grads of (x, primary weight, bn1 weight, bn1 bias, cheap weight, bn2 weight, bn2 bias);
     those of x and the primary weight only where output_mask asks (else empty)."""
+    init, new = primary_weight.shape[0], cheap_weight.shape[0]
+    oup = grad_y.shape[1] if grad_y.dim() == 4 else -1
+    _check_args("ghost_backward_triton", x, primary_weight, cheap_weight, oup, stride, (
+        ("bn1_weight", bn1_weight, init), ("bn1_bias", bn1_bias, init), ("mean1", mean1, init),
+        ("var1", var1, init), ("bn2_weight", bn2_weight, new), ("bn2_bias", bn2_bias, new),
+        ("mean2", mean2, new), ("var2", var2, new)))  # fmt: skip
     n, inp, h, w = x.shape
-    _, oup, ho, wo = grad_y.shape
-    init, new, d = primary_weight.shape[0], cheap_weight.shape[0], cheap_weight.shape[-1]
+    ho, wo = output_size(h, 1, stride), output_size(w, 1, stride)
+    d = cheap_weight.shape[-1]
+    for name, t, c, dt in (("grad_y", grad_y, oup, x.dtype), ("z1", z1, init, _stats_dtype(x))):
+        torch._check(
+            tuple(t.shape) == (n, c, ho, wo) and t.dtype == dt and t.device == x.device,
+            lambda name=name, t=t, c=c, dt=dt: (
+                f"ghost_backward_triton: {name} must be ({n}, "
+                f"{c}, {ho}, {wo}) {dt} on x's device, got {tuple(t.shape)} {t.dtype}"
+            ),
+        )
     ghost, per = oup - init, new // init
     P, dev, f32 = ho * wo, x.device, torch.float32
     M = n * P
@@ -423,9 +488,9 @@ def ghost_backward_triton(
         xs = x[:, :, ::stride, ::stride].reshape(n, inp, P).float()
         gw = torch.einsum("nip,ncp->ic", dz1, xs)
         grad_w1 = gw.reshape(primary_weight.shape).to(x.dtype)
-    dt = x.dtype
-    return (grad_x, grad_w1, dgamma1.to(dt), dbeta1.to(dt), dw2.reshape(cheap_weight.shape).to(dt),
-            dgamma2.to(dt), dbeta2.to(dt))  # fmt: skip
+    return (grad_x, grad_w1, dgamma1.to(bn1_weight.dtype), dbeta1.to(bn1_bias.dtype),
+            dw2.reshape(cheap_weight.shape).to(x.dtype), dgamma2.to(bn2_weight.dtype),
+            dbeta2.to(bn2_bias.dtype))  # fmt: skip
 
 
 torch.library.register_autograd(
