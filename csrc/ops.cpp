@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/peak.h"
+
 TORCH_LIBRARY(ghostops, m) {
   m.set_python_module("ghostops.ops");
   // Eval-mode Ghost module, both BatchNorms folded, one pass: x (N, C_in, H, W) ->
@@ -45,4 +47,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ghostops compiled kernels; the ops themselves are torch.ops.ghostops.*";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels (csrc/cuda) were built");
+  m.def("cpu_peak_gflops", &ghostops::cpu::peak_fma_gflops, pybind11::arg("iterations"),
+        "measured peak float32 FMA rate of this CPU in GFLOP/s (csrc/cpu/peak.h)");
 }
