@@ -1,13 +1,15 @@
 """The other ways to run the reference GhostNet fast, timed beside ghostops by fused_vs_ref.py:
 ``torch.compile`` (Inductor) and ONNX Runtime on an ONNX export. Each returns a callable
-``x -> y`` or raises ``Unavailable`` with the reason (ONNX Runtime is an optional dependency:
-``pip install onnxruntime``), so the benchmark can report a skip instead of failing.
+``x -> y`` or raises ``Unavailable`` with the reason (ONNX Runtime and the exporter's onnx
+package are optional dependencies: ``pip install onnxruntime onnx``), so the benchmark can
+report a skip instead of failing.
 """
 
 from __future__ import annotations
 
 import io
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -37,21 +39,27 @@ def onnxruntime_runner(
     try:
         import onnxruntime
     except ImportError as e:
-        raise Unavailable("onnxruntime is not installed (pip install onnxruntime)") from e
+        raise Unavailable("onnxruntime is not installed (pip install onnxruntime onnx)") from e
     if example.device.type != "cpu":
         raise Unavailable("the ONNX Runtime comparison runs on the CPU only")
     start = time.perf_counter()
     buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        )
+    # torch's TorchScript exporter (it needs the onnx package); torch deprecates it in favour
+    # of the torch.export-based one, which needs onnxscript as well.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            )
+        except Exception as e:  # onnx missing, or an exporter this torch no longer has
+            raise Unavailable(f"torch.onnx.export failed: {e}") from e
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -148,11 +148,24 @@ def test_competitors_run_checked_and_timed(bench):
         others = bench.bench_competitors(h, ref, fused, x, ref(x), "test")
     assert list(others) == ["compile_ref", "onnxruntime", "compile_ghostops"]
     assert [o["runs"] for o in others.values()] == ["ref", "ref", "fused"]
+    onnx_here = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
     for key, o in others.items():
-        if key == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        if key == "onnxruntime" and not onnx_here:
             assert o["ms"] is None and "not installed" in o["skipped"]
             continue
         assert o["ms"] > 0 and o["setup_s"] > 0 and o["rel_err"] < 1e-5
+
+
+def test_a_failed_onnx_export_is_reported_not_raised(bench, monkeypatch):
+    pytest.importorskip("onnxruntime")  # without it the runner stops before exporting
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    ref, _ = _module_pair(bench)
+    with pytest.raises(bench.competitors.Unavailable, match="export failed: no exporter here"):
+        bench.competitors.onnxruntime_runner(ref, torch.randn(1, 16, 5, 5), 1)
 
 
 def test_wrong_competitor_fails_loudly(bench, monkeypatch):
