@@ -23,6 +23,25 @@ from ghostops.ops import output_size
 
 
 @triton.jit
+def primary_gemm_tile(
+    x_ptr, w_ptr, rows, x_pix, pix_ok, K, M, sxc,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """sum_k w[rows, k] x[k, pixels] in float32 (tl.dot over BLOCK_K slices): the primary 1x1
+    conv of a tile; ``x_pix`` the pixels' offsets in x, ``sxc`` x's channel stride. Shared by
+    the eval kernel here and the training forward (triton_train.py)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
+        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
+                     mask=(ks[:, None] < K) & pix_ok[None, :], other=0.0)  # fmt: skip
+        acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
+    return acc
+
+
+@triton.jit
 def _primary_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     n_pix, P, Wo, K, M, stride,
@@ -40,14 +59,8 @@ def _primary_kernel(
     ho = q // Wo
     wo = q % Wo
     x_pix = n * sxn + (ho * stride) * sxh + (wo * stride) * sxw
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
-        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
-                     mask=(ks[:, None] < K) & pix_ok[None, :], other=0.0)  # fmt: skip
-        acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
+    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, pix_ok, K, M, sxc,
+                            BLOCK_M, BLOCK_K, BLOCK_P)  # fmt: skip
     acc += tl.load(b_ptr + rows, mask=rows < M, other=0.0)[:, None]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in F.relu

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ghostops import ops as _ops
+from ghostops.backends.triton_kernels import primary_gemm_tile
 from ghostops.ops import output_size
 
 BLOCK_P = 64  # pixels per tile of the plane kernels
@@ -79,14 +80,7 @@ def _f1_primary(
     n = pix // P
     q = pix % P
     x_pix = n * sxn + (q // Wo * stride) * sxh + (q % Wo * stride) * sxw
-    acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
-        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
-                     mask=(ks[:, None] < K) & ok[None, :], other=0.0)  # fmt: skip
-        acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
+    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK)
     row_ok = rows < M
     tl.store(z_ptr + (n * M * P + q)[None, :] + rows[:, None] * P,
              acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & ok[None, :])  # fmt: skip
@@ -147,10 +141,16 @@ def _f3_affine_act(
 @triton.jit
 def _ghost_grads(
     z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-    n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
-    D: tl.constexpr, RELU: tl.constexpr,
+    P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """(ga2, x2hat) of ghost channel j at a tile: z2 recomputed as F2 computes it."""
+    """The program's tile, grid (image x ghost channel j < GHOST, pixel tiles): its (n, j, q,
+    ok) and ga2, x2hat there, z2 recomputed as F2 computes it. B1 and B2 both start here."""
+    pid = tl.program_id(0)
+    n = pid // GHOST
+    j = pid % GHOST
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = q < P
     ho = q // Wo
     wo = q % Wo
     c = j // PER
@@ -162,7 +162,7 @@ def _ghost_grads(
         ga = tl.where(z2 * tl.load(sc2_ptr + j) + tl.load(sh2_ptr + j) > 0.0, ga, 0.0)
     ga = tl.where(ok, ga, 0.0)
     xh = (z2 - tl.load(mean2_ptr + j)) * tl.load(invstd2_ptr + j)
-    return ga, xh
+    return n, j, q, ok, ga, xh
 
 
 @triton.jit
@@ -171,14 +171,10 @@ def _b1_ghost_sums(
     sum_ga_ptr, sum_gx_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
     D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (image, ghost channel j < GHOST)
-    n = pid // GHOST
-    j = pid % GHOST
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ga, xh = _ghost_grads(z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr,
-                          invstd2_ptr, n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
-                          D, RELU)  # fmt: skip
+    n, j, q, ok, ga, xh = _ghost_grads(
+        z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
+        P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw, D, RELU, BLOCK,
+    )  # fmt: skip
     part = (n * tl.num_programs(1) + tl.program_id(1)) * GHOST + j
     tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0))
     tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
@@ -192,14 +188,10 @@ def _b2_dz2(
 ):  # fmt: skip
     """dz2 = k2 (ga2 - mean(ga2) - x2hat mean(ga2 x2hat)) into dz2 (N, GHOST, P), and per tile
     and tap the cheap weight's gradient sum dz2[q] x1[q + offset(tap)]."""
-    pid = tl.program_id(0)
-    n = pid // GHOST
-    j = pid % GHOST
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ga, xh = _ghost_grads(z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr,
-                          invstd2_ptr, n, j, q, ok, P, Ho, Wo, INIT, PER, sgn, sgc, sgh, sgw,
-                          D, RELU)  # fmt: skip
+    n, j, q, ok, ga, xh = _ghost_grads(
+        z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
+        P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw, D, RELU, BLOCK,
+    )  # fmt: skip
     dz = tl.load(k2_ptr + j) * (ga - tl.load(mg2_ptr + j) - xh * tl.load(mx2_ptr + j))
     dz = tl.where(ok, dz, 0.0)
     tl.store(dz2_ptr + (n * GHOST + j) * P + q, dz, mask=ok)
