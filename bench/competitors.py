@@ -21,9 +21,11 @@ class Unavailable(RuntimeError):
 
 
 def compiled(model: nn.Module, example: torch.Tensor) -> tuple[Callable, float]:
-    """``torch.compile(model)`` (default mode), compiled for ``example``'s shape by a first
-    call under no_grad; returns the compiled module and the seconds the first call took."""
-    fn = torch.compile(model)
+    """``torch.compile(model, dynamic=False)`` (default mode), compiled for ``example``'s shape
+    by a first call under no_grad; returns the compiled module and the seconds the first call
+    took. Static shapes: each batch size gets its own graph, not a dynamic-batch one compiled
+    after the first shape change."""
+    fn = torch.compile(model, dynamic=False)
     start = time.perf_counter()
     with torch.no_grad():
         fn(example)

@@ -85,7 +85,7 @@ def _train_backward(ctx, grad_y, *_unused, backward_op=None):
         )
     x, z1, pw, g1, b1, mean1, var1, cw, g2, b2, mean2, var2 = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    op = torch.ops.ghostops.ghost_backward if backward_op is None else backward_op()
+    op = torch.ops.ghostops.ghost_backward if backward_op is None else backward_op
     grads = op(
         grad_y, x, z1, pw, g1, b1, mean1, var1, ctx.eps[0], cw, g2, b2, mean2, var2, ctx.eps[1],
         ctx.stride, ctx.act, [needs[0], needs[1]],

@@ -487,8 +487,6 @@ def ghost_backward_triton(
 
 torch.library.register_autograd(
     "ghostops::ghost_forward_train_triton",
-    functools.partial(
-        _ops._train_backward, backward_op=lambda: torch.ops.ghostops.ghost_backward_triton
-    ),
+    functools.partial(_ops._train_backward, backward_op=torch.ops.ghostops.ghost_backward_triton),
     setup_context=_ops._train_setup_context,
 )
