@@ -32,7 +32,7 @@ TRAIN_CASES = [
     Case(7, 9, 15, 17, stride=2),
     Case(12, 11, 10, 9, stride=3, ratio=3),
     Case(40, 60, 7, 7, batch=9),  # several images per GEMM task and per plane task
-    Case(6, 10, 20, 20, batch=7, ratio=3),  # plane tasks of 5 images: the last one has 2
+    Case(6, 10, 10, 10, batch=7, ratio=3),  # plane tasks of 4 images: the last one has 3
     Case(16, 24, 50, 47, batch=2),  # several pixel chunks per image
     Case(6, 10, 9, 11, channels_last=True),
     Case(7, 9, 15, 17, stride=2, strided_input=True),

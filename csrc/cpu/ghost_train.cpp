@@ -127,9 +127,13 @@ struct Padded {
 
 // Images stacked per plane task: about kStackPixels pixels, so that fixed costs per pass
 // amortise, in groups of equal size (a short last group left threads idle: 12 % of the time
-// spinning). Measured, plane passes of the backward at batch 32: 160->960 at 7x7, 2.09 ms
-// unstacked, 1.40 ms stacked; 14x14 maps about the same either way (2.36 / 2.29 ms, 80->480).
-constexpr int64_t kStackPixels = 2048;
+// spinning). Not more: a task reads one plane of each stacked image from z1 and grad_y, and
+// the planes of consecutive tasks follow on, so each image is a stream the hardware prefetcher
+// must follow, and a few dozen are too many. Measured at 160->960 7x7, batch 32, in a forward
+// + backward loop: 32 images a task (2048 pixels), B1 0.76-0.84 and B2 1.6-2.4 ms; 8 images
+// (400 pixels), 0.37 and 0.93-0.99 ms; 4 images, 0.38-0.40 and 0.97-1.01 ms. 14x14 maps: the
+// same within noise for 1, 2 or 8 images.
+constexpr int64_t kStackPixels = 400;
 inline int64_t images_per_plane_task(int64_t N, int64_t P) {
   const int64_t wanted =
       std::clamp<int64_t>(kStackPixels / std::max<int64_t>(P, 1), 1, std::max<int64_t>(N, 1));
