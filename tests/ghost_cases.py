@@ -62,6 +62,20 @@ def make_args(case: Case, dtype=torch.float32, seed=0):
     return x, params
 
 
+def strided_views(params):
+    """The same values as views with other strides: each 1-D vector every other element of a
+    longer one, the conv weights transposed copies seen through permute."""
+    views = []
+    for t in params:
+        if t.dim() == 1:
+            longer = torch.empty(2 * t.numel(), dtype=t.dtype).fill_(float("nan"))
+            longer[::2] = t
+            views.append(longer[::2])
+        else:  # (out, in, kh, kw) through a (kw, kh, in, out) buffer
+            views.append(t.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0))
+    return views
+
+
 def run_fused(case: Case, x, params, eps=1e-5, op=None):
     """An eval op with ghostops::ghost_forward_eval's schema (default: that op itself)."""
     p = params

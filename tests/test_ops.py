@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
+from ghost_cases import Case, make_args, rel_err, run_fused, run_reference, strided_views
 
 import ghostops
 from ghostops import _ext
@@ -89,6 +89,15 @@ def test_eps_is_honoured():
     out = run_fused(case, x, params, eps=0.3)
     assert rel_err(out, run_reference(case, x, params, eps=0.3)) < 1e-12
     assert rel_err(out, run_reference(case, x, params, eps=1e-5)) > 1e-3
+
+
+@pytest.mark.parametrize("case", [Case(6, 10, 9, 11), Case(5, 11, 7, 6, ratio=3, dw_size=5)],
+                         ids=str)  # fmt: skip
+def test_strided_weights_and_statistics(case):
+    x, params = make_args(case, torch.float64)
+    views = strided_views(params)
+    assert not any(v.is_contiguous() for v in views if v.numel() > 1 and v.dim() == 1)
+    assert rel_err(run_fused(case, x, views), run_reference(case, x, params)) < 1e-12
 
 
 @pytest.mark.parametrize("case", [Case(6, 10, 9, 11), Case(5, 7, 4, 6, stride=2, ratio=3,

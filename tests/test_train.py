@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ghost_cases import Case, make_args, rel_err
+from ghost_cases import Case, make_args, rel_err, strided_views
 
 import ghostops
 from ghostops import _ext
@@ -165,6 +165,23 @@ def test_backward_computes_only_what_is_asked():
     )
     y.sum().backward()
     assert leaves[1].grad is not None and leaves[0].grad is None
+
+
+def test_strided_weights_and_statistics_give_the_same_results():
+    case = Case(5, 11, 7, 6, ratio=3, dw_size=5)
+    x, params = make_args(case, torch.float64)
+    grad_y = torch.randn(case.batch, case.oup, case.height, case.width, dtype=torch.float64)
+
+    def forward_backward(p):
+        y, z1, mean1, var1, mean2, var2 = train_forward(case, x, p)
+        grads = torch.ops.ghostops.ghost_backward(
+            grad_y, x, z1, p[0], p[1], p[2], mean1, var1, 1e-5, p[5], p[6], p[7], mean2, var2,
+            1e-5, case.stride, act(case), [True, True],
+        )  # fmt: skip
+        return (y, z1, mean1, var1, mean2, var2, *grads)
+
+    for got, want in zip(forward_backward(strided_views(params)), forward_backward(params)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_output_may_be_modified_in_place_before_backward():

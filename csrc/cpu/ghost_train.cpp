@@ -516,12 +516,12 @@ void weight_grad_gemm(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, 
   });
 }
 
-// Packs a weight matrix (M, K) for primary_gemm.
+// Packs a weight matrix (M, K), any strides, for primary_gemm.
 template <typename T>
 at::Tensor packed_weight(const at::Tensor& w) {
-  const at::Tensor c = w.contiguous();
-  at::Tensor packed = at::empty_like(c);
-  pack_weight(c.const_data_ptr<T>(), c.size(0), c.size(1), packed.mutable_data_ptr<T>());
+  at::Tensor packed = at::empty({w.size(0), w.size(1)}, w.options());
+  pack_weight(w.const_data_ptr<T>(), w.size(0), w.size(1), w.stride(0), w.stride(1),
+              static_cast<const T*>(nullptr), packed.mutable_data_ptr<T>());
   return packed;
 }
 

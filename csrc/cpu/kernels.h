@@ -71,16 +71,29 @@ inline int64_t row_block_start(int64_t M, int64_t blocks, int64_t blk) {
   return M / blocks * blk + std::min(blk, M % blocks);
 }
 
-// Packs the folded weight (M, K) block by block, k-major inside a block: the layout
-// gemm_micro reads. Block starting at row m occupies [m * K, (m + rows) * K).
+// Packs a weight matrix (M, K), element (m, k) at w[m * sm + k * sk], block by block, k-major
+// inside a block: the layout gemm_micro reads. Block starting at row m occupies
+// [m * K, (m + rows) * K). With row_scale, row m is multiplied by row_scale[m] on the way (a
+// BatchNorm folded in). Reads follow whichever of w's strides is smaller.
 template <typename T>
-void pack_weight(const T* w, int64_t M, int64_t K, T* packed) {
+void pack_weight(const T* w, int64_t M, int64_t K, int64_t sm, int64_t sk, const T* row_scale,
+                 T* packed) {
   const int64_t blocks = row_blocks(M, kMaxRows<T>);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t m0 = row_block_start(M, blocks, blk);
     const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t r = 0; r < rows; ++r) packed[m0 * K + k * rows + r] = w[(m0 + r) * K + k];
+    T* out = packed + m0 * K;
+    auto put = [&](int64_t r, int64_t k) {
+      const T v = w[(m0 + r) * sm + k * sk];
+      out[k * rows + r] = row_scale != nullptr ? v * row_scale[m0 + r] : v;
+    };
+    if (sk <= sm) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < K; ++k) put(r, k);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < rows; ++r) put(r, k);
+    }
   }
 }
 
