@@ -47,6 +47,10 @@ EDGE_CASES = [
     Case(64, 64, 70, 20, batch=1),  # several bands per image: halo rows shared
     Case(9, 17, 2, 3, batch=5, ratio=5, dw_size=3),
     Case(10, 20, 12, 12, batch=0),  # empty batch
+    # Outputs of 8 MiB and more are written with non-temporal stores (float32): whole images,
+    # then bands of 37 rows whose starts are not 64-byte aligned.
+    Case(16, 48, 112, 112, batch=4),
+    Case(8, 120, 112, 56, batch=3),
 ]
 LAYOUT_CASES = [
     dataclass_replace

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -37,6 +38,31 @@ constexpr int64_t kMaxRows = Vectorized<T>::size() * sizeof(T) >= 64 ? 12 : 6;
 // Pixels per packed panel: two vectors (gemm_micro's row step).
 template <typename T>
 constexpr int64_t kPanel = 2 * Vectorized<T>::size();
+
+// v.store(p, count), or with `stream` and when p is a full, aligned vector of floats (AVX-512
+// or AVX2), a non-temporal store: it writes the line without reading it first, and leaves
+// the cache to the data still to be read. Outputs much larger than the cache take it; the
+// writer must _mm_sfence() (stream_fence) before others read them.
+template <typename T>
+inline void store_maybe_streaming(Vectorized<T> v, T* p, int64_t count, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t VL = Vectorized<T>::size();
+    if (stream && count == VL && reinterpret_cast<uintptr_t>(p) % (VL * sizeof(T)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      return _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+      return _mm256_stream_ps(p, v);
+#endif
+    }
+  }
+  v.store(p, count);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // Register-blocked micro-kernel of the primary GEMM, on packed operands:
 //   c[m][j] = act(bias[m] + sum_k a[k][m] * b[k][j]),  m < MR, j < (NV - 1) * VL + last.
@@ -199,7 +225,7 @@ void tap_masks(int64_t d, int64_t row0, int64_t rows, int64_t height, int64_t wi
 template <typename T, Act A, int D, bool ROW_MASKS>
 void depthwise_range(const T* src, const T* w, T bias, int64_t d_runtime, int64_t width,
                      const T* col_masks, const T* row_masks, int64_t mask_ld, int64_t begin,
-                     int64_t end, T* dst) {
+                     int64_t end, T* dst, bool stream) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const int64_t d = D > 0 ? D : d_runtime;
@@ -216,7 +242,7 @@ void depthwise_range(const T* src, const T* w, T bias, int64_t d_runtime, int64_
       }
       acc = acc + (dx == h ? tap : tap & Vec::loadu(col_masks + dx * mask_ld + i));
     }
-    activate_vec<A>(acc).store(dst + i, std::min(VL, end - i));
+    store_maybe_streaming(activate_vec<A>(acc), dst + i, std::min(VL, end - i), stream);
   }
 }
 
@@ -225,16 +251,16 @@ void depthwise_range(const T* src, const T* w, T bias, int64_t d_runtime, int64_
 template <typename T, Act A, int D>
 void depthwise_band(const T* src, const T* w, T bias, int64_t d, int64_t width, int64_t total,
                     int64_t top_rows, int64_t bottom_rows, const T* col_masks,
-                    const T* row_masks, int64_t mask_ld, T* dst) {
+                    const T* row_masks, int64_t mask_ld, T* dst, bool stream = false) {
   constexpr int64_t VL = Vectorized<T>::size();
   const int64_t a = std::min(total, (top_rows * width + VL - 1) / VL * VL);
   const int64_t b = std::max(a, (total - bottom_rows * width) / VL * VL);
   depthwise_range<T, A, D, true>(src, w, bias, d, width, col_masks, row_masks, mask_ld, 0, a,
-                                 dst);
+                                 dst, stream);
   depthwise_range<T, A, D, false>(src, w, bias, d, width, col_masks, row_masks, mask_ld, a, b,
-                                  dst);
+                                  dst, stream);
   depthwise_range<T, A, D, true>(src, w, bias, d, width, col_masks, row_masks, mask_ld, b,
-                                 total, dst);
+                                 total, dst, stream);
 }
 
 // A large output is a fresh mapping that the kernel touches first: asking for transparent huge
