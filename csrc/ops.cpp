@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/output_pool.h"
 #include "cpu/peak.h"
 
 TORCH_LIBRARY(ghostops, m) {
@@ -49,4 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels (csrc/cuda) were built");
   m.def("cpu_peak_gflops", &ghostops::cpu::peak_fma_gflops, pybind11::arg("iterations"),
         "measured peak float32 FMA rate of this CPU in GFLOP/s (csrc/cpu/peak.h)");
+  m.def("output_pool_cached_bytes", &ghostops::cpu::output_pool_cached_bytes,
+        "bytes of free blocks the CPU ops' output pool holds (csrc/cpu/output_pool.h)");
+  m.def("set_output_pool_limit", &ghostops::cpu::set_output_pool_limit, pybind11::arg("bytes"),
+        "how many bytes of free blocks the output pool may keep (0: no pool); frees the rest");
 }

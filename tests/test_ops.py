@@ -78,13 +78,48 @@ def test_eval_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize(
-    "case", [Case(6, 10, 9, 11, channels_last=True), Case(6, 10, 9, 11)], ids=str
-)
+    "case",
+    [Case(6, 10, 9, 11, channels_last=True), Case(6, 10, 9, 11),
+     Case(16, 48, 112, 112, batch=4, channels_last=True)],  # the last from the output pool
+    ids=str,
+)  # fmt: skip
 def test_output_follows_input_memory_format(case):
     x, params = make_args(case)
     out = run_fused(case, x, params)
     want = torch.channels_last if case.channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=want)
+
+
+def test_large_outputs_reuse_the_pools_freed_blocks():
+    """Outputs of 4 MiB and more come from csrc/cpu/output_pool: a freed one's block serves
+    the next call of that size, which still gets the right answer."""
+    case = Case(16, 48, 112, 112, batch=4)  # a 9.6 MB output
+    x, params = make_args(case)
+    want = run_reference(case, x, params)
+    first = run_fused(case, x, params)
+    block, nbytes = first.data_ptr(), first.untyped_storage().nbytes()
+    del first
+    assert _ext.require().output_pool_cached_bytes() >= nbytes
+    again = run_fused(case, x, params)
+    assert again.data_ptr() == block
+    assert rel_err(again, want) < 1e-5
+    again.resize_(2 * again.numel())  # the storage stays an ordinary, resizable one
+    small = run_fused(Case(6, 10, 9, 11), *make_args(Case(6, 10, 9, 11)))
+    assert small.untyped_storage().nbytes() < 4 << 20  # small outputs: at::empty
+
+
+def test_output_pool_limit_zero_frees_and_disables_it():
+    case = Case(16, 48, 112, 112, batch=4)
+    x, params = make_args(case)
+    try:
+        run_fused(case, x, params)
+        _ext.require().set_output_pool_limit(0)
+        assert _ext.require().output_pool_cached_bytes() == 0
+        run_fused(case, x, params)  # freed at once, not kept
+        assert _ext.require().output_pool_cached_bytes() == 0
+        assert rel_err(run_fused(case, x, params), run_reference(case, x, params)) < 1e-5
+    finally:
+        _ext.require().set_output_pool_limit(1024 << 20)
 
 
 def test_eps_is_honoured():

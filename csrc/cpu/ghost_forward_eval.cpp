@@ -24,6 +24,7 @@
 
 #include "../ghost_common.h"
 #include "kernels.h"
+#include "output_pool.h"
 
 namespace ghostops::cpu {
 namespace {
@@ -295,8 +296,8 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
               "ghost_forward_eval (CPU kernel): dtype must be float32 or float64, got ",
               x.scalar_type());
   const Act activation = parse_act(std::string(act));
-  at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w},
-                           x.options().memory_format(x.suggest_memory_format()));
+  at::Tensor y = pooled_empty({s.batch, s.oup, s.out_h, s.out_w}, x.options(),
+                              x.suggest_memory_format());
   if (y.numel() == 0) return y;
   advise_huge_pages(y.mutable_data_ptr(), y.nbytes());
 
