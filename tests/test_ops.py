@@ -122,6 +122,27 @@ def test_output_pool_limit_zero_frees_and_disables_it():
         _ext.require().set_output_pool_limit(1024 << 20)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [Case(20, 60, 9, 7, batch=1, ratio=3),  # blocks of 10 intrinsic channels
+     Case(6, 45, 7, 7, batch=1),  # odd oup: the last block's last ghost is past oup
+     Case(40, 80, 14, 14, batch=2, relu=False),
+     Case(40, 80, 7, 7, batch=1, channels_last=True, dw_size=5)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("threads", [2, 3])
+def test_small_maps_with_fewer_images_than_threads_split_channels(case, threads):
+    """Fewer images than threads on a map of at most 256 pixels: each task computes a block of
+    intrinsic channels (and their ghosts) of a whole image instead of a band of rows."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, params = make_args(case, torch.float64)
+        assert rel_err(run_fused(case, x, params), run_reference(case, x, params)) < 1e-12
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_eps_is_honoured():
     case = Case(6, 10, 5, 5)
     x, params = make_args(case, torch.float64)

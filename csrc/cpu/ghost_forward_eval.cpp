@@ -43,6 +43,7 @@ struct EvalParams {
   int64_t y_sn, y_sc, y_sh, y_sw;
   int64_t band_rows;  // output rows per task
   int64_t images;     // images per task (> 1 only when a band is a whole image)
+  int64_t channel_blocks;  // tasks an image's intrinsic channels split into (whole images)
   bool x_packed;      // x's rows are strided or channels_last: gathered before the GEMM
   bool y_buffered;    // y's rows are not contiguous: ghost rows go through a buffer
   bool stream;        // y is far larger than the cache: written with non-temporal stores
@@ -86,11 +87,12 @@ void store_planes(const T* src, int64_t ld, int64_t channels, int64_t rows, int6
     }
 }
 
-// One task: output rows [row0, row0 + rows) of images [n0, n0 + images). Several images go
-// together only when each is whole (row0 == 0, rows == out_h): small maps then fill the
-// GEMM's vectors across image boundaries instead of leaving the tail of each image half empty.
+// One task: output rows [row0, row0 + rows) of images [n0, n0 + images), intrinsic channels of
+// block `cb` of p.channel_blocks (with their ghost channels). Several images go together only
+// when each is whole (row0 == 0, rows == out_h): small maps then fill the GEMM's vectors across
+// image boundaries instead of leaving the tail of each image half empty.
 template <typename T, Act A>
-void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0) {
+void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0, int64_t cb) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const GhostShape& s = p.s;
@@ -142,9 +144,17 @@ void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0)
     b = PixelMatrix<T>{pack, images * npx, npx, npx, images};
   }
 
-  // Intrinsic channels of every image's band and halo, image after image in each channel row.
+  // Intrinsic channels [c0, c1) of every image's band and halo, image after image in each
+  // channel row; c0 and c1 on boundaries of the packed weight's register blocks.
+  const int64_t blocks = row_blocks(s.init, kMaxRows<T>);
+  const int64_t blk0 = blocks * cb / p.channel_blocks;
+  const int64_t blk1 = blocks * (cb + 1) / p.channel_blocks;
+  const int64_t c0 = row_block_start(s.init, blocks, blk0);
+  const int64_t c1 = row_block_start(s.init, blocks, blk1);
+  const int64_t j0 = std::min(c0 * (s.ratio - 1), s.ghost);
+  const int64_t j1 = std::min(c1 * (s.ratio - 1), s.ghost);
   T* intr0 = intr + margin;
-  primary_gemm<T, A>(p.w1, p.b1, s.init, s.inp, b, intr0, plane, panel);
+  primary_gemm<T, A>(p.w1, p.b1, s.init, s.inp, b, intr0, plane, panel, blk0, blk1);
 
   tap_masks(s.dw, row0, rows, ho, wo, col_masks, row_masks, mask_ld);
   const int64_t top_rows = std::clamp<int64_t>(h - row0, 0, rows);
@@ -152,9 +162,10 @@ void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0)
   for (int64_t g = 0; g < images; ++g) {
     const T* band = intr0 + g * npx + (row0 - lo) * wo;  // output row row0 of image g
     T* yb = p.y + (n0 + g) * p.y_sn + row0 * p.y_sh;
-    store_planes(band, plane, s.init, rows, wo, yb, p.y_sc, p.y_sh, p.y_sw, p.stream);
+    store_planes(band + c0 * plane, plane, c1 - c0, rows, wo, yb + c0 * p.y_sc, p.y_sc, p.y_sh,
+                 p.y_sw, p.stream);
     // Ghost channels: ghost j is the depthwise conv of intrinsic j / (ratio - 1).
-    for (int64_t j = 0; j < s.ghost; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const T* src = band + (j / (s.ratio - 1)) * plane;
       T* dst = y_rows_contiguous ? yb + (s.init + j) * p.y_sc : ghost_buf + j * total;
       const T* w = p.w2 + j * s.dw * s.dw;
@@ -167,20 +178,26 @@ void eval_task(const EvalParams<T>& p, int64_t n0, int64_t images, int64_t row0)
       }
     }
     if (!y_rows_contiguous)
-      store_planes<T>(ghost_buf, total, s.ghost, rows, wo, yb + s.init * p.y_sc, p.y_sc,
-                      p.y_sh, p.y_sw);
+      store_planes<T>(ghost_buf + j0 * total, total, j1 - j0, rows, wo,
+                      yb + (s.init + j0) * p.y_sc, p.y_sc, p.y_sh, p.y_sw);
   }
   if (p.stream) stream_fence();
 }
 
-// How work is split: output rows per band, and images per task when bands are whole images.
+// How work is split: output rows per band, images per task when bands are whole images, and
+// blocks of intrinsic channels per image.
 struct TaskSplit {
-  int64_t band_rows, images;
+  int64_t band_rows, images, channel_blocks;
 };
 
+// Maps of at most this many pixels (14x14 and 7x7 in GhostNet) split channels, not rows, when
+// there are fewer images than threads.
+constexpr int64_t kSmallMapPixels = 256;
+
 // A task's buffers should stay in L2, and there should be enough tasks for every thread.
+// gemm_blocks: the register blocks the intrinsic channels pack into (row_blocks).
 TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int64_t elem_size,
-                       int64_t vector_size) {
+                       int64_t vector_size, int64_t gemm_blocks) {
   const int64_t h = s.dw / 2;
   // Per output row: intrinsic rows, plus gathered input rows and buffered ghost rows if any.
   const int64_t channels = s.init + (x_packed ? s.inp : 0) + (y_buffered ? s.ghost : 0);
@@ -190,6 +207,12 @@ TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int6
                                      s.out_h);
   const int64_t threads = at::get_num_threads();
   const int64_t bands_wanted = (threads + s.batch - 1) / s.batch;
+  // Too few images for the threads. A small map that fits whole splits its intrinsic channels
+  // instead of its rows: bands of a 7x7 map recompute their halo rows and leave their GEMM
+  // panels mostly empty (at batch 1, 160->960 7x7 did 2.6x the GEMM work it needed).
+  if (bands_wanted > 1 && rows == s.out_h && s.out_h * s.out_w <= kSmallMapPixels) {
+    return {rows, 1, std::min(bands_wanted, gemm_blocks)};
+  }
   if (bands_wanted > 1) rows = std::min(rows, (s.out_h + bands_wanted - 1) / bands_wanted);
   rows = std::max<int64_t>(rows, 1);
   int64_t images = 1;
@@ -201,7 +224,7 @@ TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int6
     const int64_t spread = s.batch / (4 * threads);
     images = std::max<int64_t>(1, std::min({wanted, fit, spread}));
   }
-  return {rows, images};
+  return {rows, images, 1};
 }
 
 // The eval op's weights with both BatchNorms folded in, w' = w * gamma / sqrt(var + eps) and
@@ -230,25 +253,39 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
   T* scale1 = b1 + s.init;
   T* w2 = scale1 + s.init;
   T* b2 = w2 + s.ghost * taps;
-  auto elem = [](const at::Tensor& v, int64_t i) {
-    return double(v.const_data_ptr<T>()[i * v.stride(0)]);
+  // Element i of a 1-D argument, through its stride.
+  struct Vector {
+    const T* data;
+    int64_t stride;
+    explicit Vector(const at::Tensor& v) : data(v.const_data_ptr<T>()), stride(v.stride(0)) {}
+    double operator[](int64_t i) const { return double(data[i * stride]); }
   };
   // scale = gamma / sqrt(var + eps) rounded to T, as the unfused module's affine would be.
-  auto fold = [&](const at::Tensor& g, const at::Tensor& beta, const at::Tensor& mean,
-                  const at::Tensor& var, double eps, int64_t c, T& scale, T& bias) {
-    scale = T(elem(g, c) / std::sqrt(elem(var, c) + eps));
-    bias = T(elem(beta, c) - elem(mean, c) * double(scale));
+  auto fold = [](const Vector& g, const Vector& beta, const Vector& mean, const Vector& var,
+                 double eps, int64_t c, T& scale, T& bias) {
+    scale = T(g[c] / std::sqrt(var[c] + eps));
+    bias = T(beta[c] - mean[c] * double(scale));
   };
-  for (int64_t m = 0; m < s.init; ++m) fold(g1, beta1, mean1, var1, eps1, m, scale1[m], b1[m]);
-  pack_weight(primary_weight.const_data_ptr<T>(), s.init, s.inp, primary_weight.stride(0),
-              primary_weight.stride(1), scale1, w1);
+  const Vector vg1(g1), vbeta1(beta1), vmean1(mean1), vvar1(var1);
+  for (int64_t m = 0; m < s.init; ++m) fold(vg1, vbeta1, vmean1, vvar1, eps1, m, scale1[m], b1[m]);
+  // The packing is a scalar transpose: split over threads when it is large (at batch 1 it took
+  // 9 % of 160->960 7x7's call while the other thread waited).
+  const int64_t blocks = row_blocks(s.init, kMaxRows<T>);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kMaxRows<T> * s.inp));
+  const T* pw = primary_weight.const_data_ptr<T>();
+  const int64_t pw_s0 = primary_weight.stride(0), pw_s1 = primary_weight.stride(1);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    pack_weight(pw, s.init, s.inp, pw_s0, pw_s1, static_cast<const T*>(scale1), w1, begin, end);
+  });
+  const Vector vg2(g2), vbeta2(beta2), vmean2(mean2), vvar2(var2);
   const T* cw = cheap_weight.const_data_ptr<T>();
+  const int64_t cs0 = cheap_weight.stride(0), cs2 = cheap_weight.stride(2);
+  const int64_t cs3 = cheap_weight.stride(3);
   for (int64_t j = 0; j < s.ghost; ++j) {
     T scale;
-    fold(g2, beta2, mean2, var2, eps2, j, scale, b2[j]);
+    fold(vg2, vbeta2, vmean2, vvar2, eps2, j, scale, b2[j]);
     for (int64_t t = 0; t < taps; ++t)
-      w2[j * taps + t] = cw[j * cheap_weight.stride(0) + (t / s.dw) * cheap_weight.stride(2) +
-                            (t % s.dw) * cheap_weight.stride(3)] * scale;
+      w2[j * taps + t] = cw[j * cs0 + (t / s.dw) * cs2 + (t % s.dw) * cs3] * scale;
   }
   f.w1 = w1, f.b1 = b1, f.w2 = w2, f.b2 = b2;
   return f;
@@ -272,10 +309,13 @@ template <typename T, Act A>
 void eval_run(const EvalParams<T>& p) {
   const int64_t bands = (p.s.out_h + p.band_rows - 1) / p.band_rows;
   const int64_t groups = (p.s.batch + p.images - 1) / p.images;
-  at::parallel_for(0, groups * bands, 1, [&](int64_t begin, int64_t end) {
+  const int64_t per_group = bands * p.channel_blocks;
+  at::parallel_for(0, groups * per_group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = (task / bands) * p.images;
-      eval_task<T, A>(p, n0, std::min(p.images, p.s.batch - n0), (task % bands) * p.band_rows);
+      const int64_t n0 = (task / per_group) * p.images;
+      const int64_t band = task % per_group / p.channel_blocks;
+      eval_task<T, A>(p, n0, std::min(p.images, p.s.batch - n0), band * p.band_rows,
+                      task % p.channel_blocks);
     }
   });
 }
@@ -307,8 +347,9 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
         bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps);
     const bool x_packed = !(stride == 1 && x.stride(3) == 1 && x.stride(2) == s.width);
     const bool y_buffered = !(y.stride(3) == 1 && y.stride(2) == s.out_w);
-    const TaskSplit split = choose_split(s, x_packed, y_buffered, sizeof(scalar_t),
-                                         Vectorized<scalar_t>::size());
+    const TaskSplit split =
+        choose_split(s, x_packed, y_buffered, sizeof(scalar_t), Vectorized<scalar_t>::size(),
+                     row_blocks(s.init, kMaxRows<scalar_t>));
     const EvalParams<scalar_t> p{s,
                                  x.const_data_ptr<scalar_t>(),
                                  y.mutable_data_ptr<scalar_t>(),
@@ -318,7 +359,8 @@ at::Tensor ghost_forward_eval_cpu(const at::Tensor& x, const at::Tensor& primary
                                  f.b2,
                                  x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                                  y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-                                 split.band_rows, split.images, x_packed, y_buffered,
+                                 split.band_rows, split.images, split.channel_blocks,
+                                 x_packed, y_buffered,
                                  stream_output(y, y_buffered)};
     if (activation == Act::ReLU) {
       eval_run<scalar_t, Act::ReLU>(p);

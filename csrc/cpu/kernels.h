@@ -101,11 +101,13 @@ inline int64_t row_block_start(int64_t M, int64_t blocks, int64_t blk) {
 // inside a block: the layout gemm_micro reads. Block starting at row m occupies
 // [m * K, (m + rows) * K). With row_scale, row m is multiplied by row_scale[m] on the way (a
 // BatchNorm folded in). Reads follow whichever of w's strides is smaller.
+// Only blocks [blk0, blk1) of the row_blocks(M, kMaxRows) when given.
 template <typename T>
 void pack_weight(const T* w, int64_t M, int64_t K, int64_t sm, int64_t sk, const T* row_scale,
-                 T* packed) {
+                 T* packed, int64_t blk0 = 0, int64_t blk1 = -1) {
   const int64_t blocks = row_blocks(M, kMaxRows<T>);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
+  if (blk1 < 0) blk1 = blocks;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t m0 = row_block_start(M, blocks, blk);
     const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
     T* out = packed + m0 * K;
@@ -178,18 +180,20 @@ void pack_panel(const PixelMatrix<T>& b, int64_t K, int64_t j, int64_t cols, T* 
 
 // c (M, n) = act(w (M, K) @ b (K, n) + bias): the primary conv of one task's pixels.
 // a: the weight packed by pack_weight. Each panel of kPanel pixels is packed once into
-// `panel` (K * kPanel elements) and swept by every register block of weight rows.
+// `panel` (K * kPanel elements) and swept by every register block of weight rows, or only by
+// blocks [blk0, blk1) of the row_blocks(M, kMaxRows) (rows of c outside them are not written).
 template <typename T, Act A>
 void primary_gemm(const T* a, const T* bias, int64_t M, int64_t K, const PixelMatrix<T>& b,
-                  T* c, int64_t ldc, T* panel) {
+                  T* c, int64_t ldc, T* panel, int64_t blk0 = 0, int64_t blk1 = -1) {
   constexpr int64_t VL = Vectorized<T>::size(), NB = kPanel<T>;
   const int64_t blocks = row_blocks(M, kMaxRows<T>);
+  if (blk1 < 0) blk1 = blocks;
   const int64_t n = b.images * b.npx;
   for (int64_t j = 0; j < n; j += NB) {
     const int64_t cols = std::min(NB, n - j);
     pack_panel(b, K, j, cols, panel);
     const int64_t last = cols > VL ? cols - VL : cols;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t m0 = row_block_start(M, blocks, blk);
       const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
       gemm_block_dispatch<T, A>(rows, cols > VL, a + m0 * K, bias + m0, panel, K,
