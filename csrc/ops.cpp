@@ -33,6 +33,12 @@ TORCH_LIBRARY(ghostops, m) {
       "float bn2_eps, int stride, str act, bool[2] output_mask) -> (Tensor grad_x, "
       "Tensor grad_primary_weight, Tensor grad_bn1_weight, Tensor grad_bn1_bias, "
       "Tensor grad_cheap_weight, Tensor grad_bn2_weight, Tensor grad_bn2_bias)");
+  // Eval-mode depthwise conv (groups = C, d x d, d odd, padding d / 2, no bias) + BatchNorm
+  // (running statistics) + act: GhostNet's depthwise convs outside the Ghost modules.
+  // x (N, C, H, W) -> (N, C, Ho, Wo), contiguous.
+  m.def(
+      "dw_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
+      "Tensor bn_var, float eps, int stride, str act) -> Tensor");
 }
 
 namespace {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ghostops.ops import ghost_module
+from ghostops.ops import depthwise_bn, ghost_module
 from ghostops.reference import ghost_channels
 
 
@@ -200,12 +200,46 @@ class GhostBottleneck(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        # With ghostops Ghost modules (not after ghostops.revert, nor in the reference network),
+        # the depthwise convs + BN run ghostops' fused eval op where it applies.
+        fused = isinstance(self.ghost1, GhostModule)
         residual = x
         x = self.ghost1(x)
         if self.conv_dw is not None:
-            x = self.bn_dw(self.conv_dw(x))
+            x = _conv_bn(self.conv_dw, self.bn_dw, x, fused)
         if self.se is not None:
             x = self.se(x)
         x = self.ghost2(x)
+        if len(self.shortcut) == 4:
+            dw, bn, pw, bn_pw = self.shortcut
+            shortcut = bn_pw(pw(_conv_bn(dw, bn, residual, fused)))
+        else:
+            shortcut = self.shortcut(residual)
         # Out of place (the paper adds in place): a fused op may save its output for backward.
-        return x + self.shortcut(residual)
+        return x + shortcut
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, fused: bool) -> Tensor:
+    """bn(conv(x)) for a depthwise conv; through ``ghostops.ops.depthwise_bn`` when ``fused``
+    and both modules are in the form it computes (eval BN with running statistics and affine,
+    square kernel and stride, padding kernel // 2, no conv bias)."""
+    k = conv.kernel_size[0]
+    fits = (
+        fused
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.affine
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.kernel_size == (k, k)
+        and conv.padding == (k // 2, k // 2)
+        and conv.dilation == (1, 1)
+        and conv.stride[0] == conv.stride[1]
+        and conv.padding_mode == "zeros"
+    )
+    if not fits:
+        return bn(conv(x))
+    return depthwise_bn(
+        x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+        stride=conv.stride[0], eps=bn.eps,
+    )  # fmt: skip

@@ -91,3 +91,23 @@ class ReferenceGhostModule(nn.Module):
         x2 = self.cheap_operation(x1)
         out = torch.cat([x1, x2], dim=1)
         return out[:, : self.oup, :, :]
+
+
+def depthwise_bn_reference(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    *,
+    stride: int = 1,
+    relu: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval-mode depthwise conv (groups = channels, weight (C, 1, d, d), padding d // 2, no
+    bias) + BatchNorm with running statistics + optional ReLU, in stock PyTorch: the oracle of
+    ``ghostops::dw_bn_eval``."""
+    y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+    y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
+    return F.relu(y) if relu else y

@@ -1,0 +1,138 @@
+"""The eval-mode depthwise conv + BatchNorm + act op (ghostops::dw_bn_eval, C++ CPU kernel) and
+its functional entry point ``ghostops.ops.depthwise_bn``: against the float64 reference, its
+dispatch, and its use inside ghostops' GhostNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ghost_cases import rel_err
+from torch.profiler import profile
+
+import ghostops
+from ghostops import _ext
+from ghostops.models import ghostnet
+from ghostops.ops import depthwise_bn
+from ghostops.reference import ReferenceGhostModule, depthwise_bn_reference
+
+pytestmark = [
+    pytest.mark.skipif(not _ext.cpu_available(), reason="the compiled extension is not built"),
+    pytest.mark.usefixtures("poisoned_outputs"),
+]
+
+# (batch, channels, height, width, kernel, stride)
+CASES = [
+    (2, 48, 28, 28, 3, 2),  # GhostNet's stride-2 conv, smaller map
+    (1, 72, 15, 17, 5, 2),  # odd sizes, 5x5
+    (3, 5, 9, 13, 3, 1),  # the shortcut's stride-1 case
+    (2, 7, 10, 11, 5, 1),
+    (1, 4, 9, 9, 3, 3),  # stride 3: the element-by-element gather
+    (2, 3, 1, 1, 3, 2),  # 1x1 maps
+    (1, 6, 17, 5, 7, 2),  # kernel larger than the map's width
+    (2, 3, 6, 40, 1, 2),  # 1x1 kernel, rows wider than two vectors
+    (0, 4, 8, 8, 3, 2),  # empty batch
+]
+
+
+def make_args(n, c, h, w, k, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=dtype)
+    gamma, beta, mean = (torch.randn(c, generator=g, dtype=dtype) for _ in range(3))
+    var = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    return x, (weight, gamma, beta, mean, var)
+
+
+def op(x, params, stride, relu, eps=1e-5):
+    act = "relu" if relu else "identity"
+    return torch.ops.ghostops.dw_bn_eval(x, *params, eps, stride, act)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "id"])
+def test_matches_reference(case, dtype, relu):
+    n, c, h, w, k, stride = case
+    x, params = make_args(n, c, h, w, k, dtype, seed=sum(case))
+    out = op(x, params, stride, relu)
+    ref = depthwise_bn_reference(
+        x.double(), *(t.double() for t in params), stride=stride, relu=relu
+    )
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    if ref.numel():
+        assert not out.isnan().any(), "the kernel left elements unwritten"
+        assert rel_err(out, ref) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_eps_is_honoured():
+    x, params = make_args(2, 4, 6, 6, 3)
+    out = op(x, params, 1, False, eps=0.3)
+    assert rel_err(out, depthwise_bn_reference(x, *params, stride=1, eps=0.3)) < 1e-12
+    assert rel_err(out, depthwise_bn_reference(x, *params, stride=1, eps=1e-5)) > 1e-3
+
+
+def test_opcheck():
+    x, params = make_args(2, 6, 9, 7, 3, torch.float32)
+    torch.library.opcheck(torch.ops.ghostops.dw_bn_eval, (x, *params, 1e-5, 2, "relu"))
+
+
+def test_bad_arguments_are_clear_errors():
+    x, (weight, *bn) = make_args(1, 4, 6, 6, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.ghostops.dw_bn_eval(x, weight[:, :, :2], *bn, 1e-5, 1, "relu")
+    with pytest.raises(RuntimeError, match="bn_var must have shape"):
+        torch.ops.ghostops.dw_bn_eval(x, weight, *bn[:3], bn[3][:2], 1e-5, 1, "relu")
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        torch.ops.ghostops.dw_bn_eval(x, weight, *bn, 1e-5, 0, "relu")
+    with pytest.raises(RuntimeError, match="act must be"):
+        torch.ops.ghostops.dw_bn_eval(x, weight, *bn, 1e-5, 1, "gelu")
+
+
+def test_functional_falls_back_to_the_reference_where_the_kernel_does_not_apply():
+    x, params = make_args(2, 6, 9, 9, 3, torch.float32)
+    want = depthwise_bn_reference(x, *params, stride=2, relu=True)
+    # channels_last input, gradients wanted, float16: the reference runs, same answer.
+    cl = depthwise_bn(x.to(memory_format=torch.channels_last), *params, stride=2, relu=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, want)
+    leaf = x.clone().requires_grad_()
+    with_grad = depthwise_bn(leaf, *params, stride=2, relu=True)
+    assert with_grad.grad_fn is not None
+    torch.testing.assert_close(with_grad, want)
+    half = depthwise_bn(x.half(), *(t.half() for t in params), stride=2, relu=True)
+    torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_functional_runs_the_kernel_on_rows_of_8_outputs_or_more():
+    for size, fused in ((14, False), (15, True)):  # 7 and 8 outputs a row at stride 2
+        x, params = make_args(2, 6, size, size, 3, torch.float32)
+        with torch.no_grad(), profile() as prof:
+            out = depthwise_bn(x, *params, stride=2)
+        ran = "ghostops::dw_bn_eval" in {e.key for e in prof.key_averages()}
+        assert ran == fused
+        torch.testing.assert_close(out, depthwise_bn_reference(x, *params, stride=2))
+
+
+def ops_run(net, x) -> set[str]:
+    with torch.no_grad(), profile() as prof:
+        net(x)
+    return {event.key for event in prof.key_averages()}
+
+
+def test_ghostnet_eval_uses_the_fused_depthwise_op_and_matches_the_reference_network():
+    torch.manual_seed(0)
+    net = ghostnet(num_classes=10).eval()
+    ref = ghostnet(num_classes=10, ghost_module_cls=ReferenceGhostModule).eval()
+    ref.load_state_dict(net.state_dict())
+    for m in net.modules():  # BN statistics far from identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert "ghostops::dw_bn_eval" in ops_run(net, x)
+    assert "ghostops::dw_bn_eval" not in ops_run(ref, x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-4)
+    ghostops.revert(net)  # reverted: the stock modules again, for export
+    assert "ghostops::dw_bn_eval" not in ops_run(net, x)
