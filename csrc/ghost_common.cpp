@@ -51,8 +51,10 @@ GhostShape check_ghost_shape(const char* op, const at::Tensor& x,
   s.stride = stride;
   TORCH_CHECK(s.inp == primary_weight.size(1), op, ": x has ", s.inp,
               " channels but primary_weight expects ", primary_weight.size(1));
-  s.out_h = (s.height - 1) / stride + 1;
-  s.out_w = (s.width - 1) / stride + 1;
+  // (As Conv2d's floor((size - 1) / stride) + 1, and 0 for an empty map: C++'s division
+  // truncates -1 / 2 to 0.)
+  s.out_h = s.height == 0 ? 0 : (s.height - 1) / stride + 1;
+  s.out_w = s.width == 0 ? 0 : (s.width - 1) / stride + 1;
   for (auto [t, name] : {std::pair{&primary_weight, "primary_weight"},
                          std::pair{&cheap_weight, "cheap_weight"}}) {
     TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(),

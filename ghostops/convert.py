@@ -22,7 +22,7 @@ import math
 
 from torch import nn
 
-from ghostops.nn import GhostModule
+from ghostops.nn import GhostModule, _hooked
 from ghostops.reference import ReferenceGhostModule
 
 _GHOST_CHILDREN = ("primary_conv", "cheap_operation")
@@ -64,20 +64,6 @@ def _conv_problem(conv: nn.Module, what: str, *, depthwise: bool) -> str | None:
     if not depthwise and conv.groups != 1:
         return f"{what} is grouped (groups={conv.groups})"
     return None
-
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def _hooked(modules: list[nn.Module]) -> list[str]:
-    """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
-    pre-hook included): a fused module would silently bypass them."""
-    return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
 
 
 def _ghost_spec(module: nn.Module) -> tuple[dict | None, str | None]:

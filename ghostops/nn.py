@@ -210,7 +210,8 @@ class GhostBottleneck(nn.Module):
         if self.se is not None:
             x = self.se(x)
         x = self.ghost2(x)
-        if len(self.shortcut) == 4:
+        plain_shortcut = type(self.shortcut) is nn.Sequential and not _hooked([self.shortcut])
+        if fused and plain_shortcut and len(self.shortcut) == 4:
             dw, bn, pw, bn_pw = self.shortcut
             shortcut = bn_pw(pw(_conv_bn(dw, bn, residual, fused)))
         else:
@@ -219,20 +220,38 @@ class GhostBottleneck(nn.Module):
         return x + shortcut
 
 
-def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, fused: bool) -> Tensor:
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _hooked(modules: list[nn.Module]) -> list[str]:
+    """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
+    pre-hook included): a fused module would silently bypass them."""
+    return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
+
+
+def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
     """bn(conv(x)) for a depthwise conv; through ``ghostops.ops.depthwise_bn`` when ``fused``
-    and both modules are in the form it computes (eval BN with running statistics and affine,
-    square kernel and stride, padding kernel // 2, no conv bias)."""
-    k = conv.kernel_size[0]
+    and both modules are a plain ``nn.Conv2d`` and ``nn.BatchNorm2d`` (not swapped, e.g. by
+    ``torch.ao.quantization.fuse_modules``, and without hooks, which the op would bypass) in the
+    form it computes: eval BN with running statistics and affine, square kernel and stride,
+    padding kernel // 2, no conv bias."""
     fits = (
         fused
+        and type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and not _hooked([conv, bn])
         and not bn.training
         and bn.running_mean is not None
         and bn.affine
         and conv.bias is None
         and conv.groups == conv.in_channels == conv.out_channels
-        and conv.kernel_size == (k, k)
-        and conv.padding == (k // 2, k // 2)
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (conv.kernel_size[0] // 2,) * 2
         and conv.dilation == (1, 1)
         and conv.stride[0] == conv.stride[1]
         and conv.padding_mode == "zeros"

@@ -277,6 +277,7 @@ def depthwise_bn(
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() == 4
         and x.is_contiguous()
+        and weight.shape[-1] % 2 == 1
         and output_size(x.shape[-1], weight.shape[-1], stride) >= 8
         and not needs_grad
     )

@@ -136,3 +136,50 @@ def test_ghostnet_eval_uses_the_fused_depthwise_op_and_matches_the_reference_net
         torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-4)
     ghostops.revert(net)  # reverted: the stock modules again, for export
     assert "ghostops::dw_bn_eval" not in ops_run(net, x)
+
+
+def test_empty_map_is_a_clear_error():
+    x, params = make_args(1, 8, 4, 64, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="non-empty map"):
+        op(x[:, :, :0], params, 2, True)
+
+
+def test_bottleneck_after_module_surgery_or_with_hooks_runs_its_modules():
+    """The fused path only takes a plain Conv2d + BatchNorm2d without hooks: after
+    torch.ao.quantization.fuse_modules (BN folded into the conv, an Identity in its place), with
+    a hook on the conv, or with another shortcut module, the bottleneck runs its modules."""
+    from ghostops.nn import GhostBottleneck
+
+    torch.manual_seed(0)
+    block = GhostBottleneck(16, 48, 24, 3, stride=2).eval()
+    x = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        want = block(x)
+        fused = torch.ao.quantization.fuse_modules(
+            block, [["conv_dw", "bn_dw"], ["shortcut.0", "shortcut.1"]]
+        )
+        assert isinstance(fused.bn_dw, torch.nn.Identity)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-5)
+        seen = []
+        block.conv_dw.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        torch.testing.assert_close(block(x), want)
+        assert seen == [(2, 48, 16, 16)]
+        block.shortcut = torch.nn.Conv2d(16, 24, 1, stride=2)  # not a Sequential
+        assert block(x).shape == want.shape
+
+
+def test_output_pool_limit_from_the_environment_is_checked():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ghostops\n"
+        "m = ghostops.GhostModule(16, 48).eval()\n"
+        "with torch.no_grad(): y = m(torch.randn(4, 16, 112, 112))\n"  # a pooled output
+        "print(tuple(y.shape))\n"
+    )
+    env = {**__import__("os").environ, "GHOSTOPS_OUTPUT_POOL_MIB": "lots"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "(4, 48, 112, 112)" in run.stdout
+    assert "GHOSTOPS_OUTPUT_POOL_MIB must be a whole number" in run.stderr

@@ -143,6 +143,17 @@ def test_small_maps_with_fewer_images_than_threads_split_channels(case, threads)
         torch.set_num_threads(previous)
 
 
+def test_no_input_channels_give_the_folded_bias():
+    """inp == 0: the primary conv is all bias (BN1's shift); nothing divides by the width."""
+    case = Case(0, 6, 8, 8, batch=1)
+    x, params = make_args(case, torch.float64)
+    # The same as one input channel of zeros (the reference's conv rejects zero channels).
+    one = Case(1, 6, 8, 8, batch=1)
+    zeros = (torch.zeros(1, 1, 8, 8, dtype=x.dtype), torch.zeros(3, 1, 1, 1, dtype=x.dtype))
+    want = run_reference(one, zeros[0], (zeros[1], *params[1:]))
+    assert rel_err(run_fused(case, x, params), want) < 1e-12
+
+
 def test_eps_is_honoured():
     case = Case(6, 10, 5, 5)
     x, params = make_args(case, torch.float64)

@@ -107,6 +107,8 @@ at::Tensor dw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
                          std::pair{&bn_mean, "bn_mean"}, std::pair{&bn_var, "bn_var"}})
     check_vector(op, *t, name, C, x);
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": x must have a non-empty map, got ",
+              x.sizes());
   const Act activation = parse_act(std::string(act));
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), d = weight.size(2);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;

@@ -210,7 +210,8 @@ TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int6
   // Too few images for the threads. A small map that fits whole splits its intrinsic channels
   // instead of its rows: bands of a 7x7 map recompute their halo rows and leave their GEMM
   // panels mostly empty (at batch 1, 160->960 7x7 did 2.6x the GEMM work it needed).
-  if (bands_wanted > 1 && rows == s.out_h && s.out_h * s.out_w <= kSmallMapPixels) {
+  if (bands_wanted > 1 && gemm_blocks > 1 && rows == s.out_h &&
+      s.out_h * s.out_w <= kSmallMapPixels) {
     return {rows, 1, std::min(bands_wanted, gemm_blocks)};
   }
   if (bands_wanted > 1) rows = std::min(rows, (s.out_h + bands_wanted - 1) / bands_wanted);
@@ -271,7 +272,7 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
   // The packing is a scalar transpose: split over threads when it is large (at batch 1 it took
   // 9 % of 160->960 7x7's call while the other thread waited).
   const int64_t blocks = row_blocks(s.init, kMaxRows<T>);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kMaxRows<T> * s.inp));
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kMaxRows<T> * std::max<int64_t>(s.inp, 1)));
   const T* pw = primary_weight.const_data_ptr<T>();
   const int64_t pw_s0 = primary_weight.stride(0), pw_s1 = primary_weight.stride(1);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {

@@ -5,12 +5,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
-#include <cstring>
 #include <map>
 #include <mutex>
-#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -23,9 +22,17 @@ constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMinPooledBytes = size_t(4) << 20;
 
 size_t default_limit() {
+  constexpr size_t kDefault = size_t(1024) << 20;
   const char* env = std::getenv("GHOSTOPS_OUTPUT_POOL_MIB");
-  if (env == nullptr || *env == '\0') return size_t(1024) << 20;
-  return size_t(std::stoull(env)) << 20;
+  if (env == nullptr || *env == '\0') return kDefault;
+  char* end = nullptr;
+  const unsigned long long mib = std::strtoull(env, &end, 10);
+  if (*end != '\0' || env[0] == '-') {
+    TORCH_WARN("ghostops: GHOSTOPS_OUTPUT_POOL_MIB must be a whole number of MiB, got '", env,
+               "'; using 1024");
+    return kDefault;
+  }
+  return size_t(mib) << 20;
 }
 
 // Blocks are 2 MiB aligned and a multiple of 2 MiB long, with transparent huge pages asked for.
