@@ -39,6 +39,16 @@ TORCH_LIBRARY(ghostops, m) {
   m.def(
       "dw_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
       "Tensor bn_var, float eps, int stride, str act) -> Tensor");
+  // Its training forward (batch statistics; nothing mutated): y, z = the conv's output (saved
+  // for the backward), the batch mean and biased variance (C).
+  m.def(
+      "dw_bn_train(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, float eps, "
+      "int stride, str act) -> (Tensor y, Tensor z, Tensor mean, Tensor var)");
+  // Its backward from x, z and the batch statistics; grad_x comes back empty unless need_x.
+  m.def(
+      "dw_bn_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor mean, Tensor var, float eps, int stride, str act, bool need_x) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 }
 
 namespace {

@@ -235,18 +235,16 @@ def _hooked(modules: list[nn.Module]) -> list[str]:
 
 
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
-    """bn(conv(x)) for a depthwise conv; through ``ghostops.ops.depthwise_bn`` when ``fused``
-    and both modules are a plain ``nn.Conv2d`` and ``nn.BatchNorm2d`` (not swapped, e.g. by
-    ``torch.ao.quantization.fuse_modules``, and without hooks, which the op would bypass) in the
-    form it computes: eval BN with running statistics and affine, square kernel and stride,
-    padding kernel // 2, no conv bias."""
+    """bn(conv(x)) for a depthwise conv; through ``ghostops.ops.depthwise_bn`` (eval and
+    training) when ``fused`` and both modules are a plain ``nn.Conv2d`` and ``nn.BatchNorm2d``
+    (not swapped, e.g. by ``torch.ao.quantization.fuse_modules``, and without hooks, which the op
+    would bypass) in the form it computes: affine BN, square kernel and stride, padding
+    kernel // 2, no conv bias."""
     fits = (
         fused
         and type(conv) is nn.Conv2d
         and type(bn) is nn.BatchNorm2d
         and not _hooked([conv, bn])
-        and not bn.training
-        and bn.running_mean is not None
         and bn.affine
         and conv.bias is None
         and conv.groups == conv.in_channels == conv.out_channels
@@ -258,7 +256,14 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
     )
     if not fits:
         return bn(conv(x))
+    args = (x, conv.weight, bn.weight, bn.bias)
+    if not bn.training and bn.running_mean is not None:
+        return depthwise_bn(
+            *args, bn.running_mean, bn.running_var, stride=conv.stride[0], eps=bn.eps
+        )
+    momentum, _ = _batch_norm_step(bn, bn.training)  # nn.BatchNorm2d's bookkeeping
+    update = bn.training and bn.running_mean is not None
     return depthwise_bn(
-        x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-        stride=conv.stride[0], eps=bn.eps,
+        *args, bn.running_mean if update else None, bn.running_var if update else None,
+        stride=conv.stride[0], eps=bn.eps, training=True, momentum=momentum,
     )  # fmt: skip

@@ -9,6 +9,7 @@ arguments and picks the backend.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ghostops import _ext
@@ -65,6 +66,46 @@ def _register_fakes() -> None:
         k = weight.shape[-1]
         return x.new_empty((n, c, output_size(h, k, stride), output_size(w, k, stride)))
 
+    @torch.library.register_fake(f"{_LIB}::dw_bn_train")
+    def _(x, weight, bn_weight, bn_bias, eps, stride, act):
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        shape = (n, c, output_size(h, k, stride), output_size(w, k, stride))
+        return x.new_empty(shape), x.new_empty(shape), x.new_empty(c), x.new_empty(c)
+
+    @torch.library.register_fake(f"{_LIB}::dw_bn_backward")
+    def _(grad_y, x, z, weight, bn_weight, bn_bias, mean, var, eps, stride, act, need_x):
+        grad_x = x.new_empty(x.shape if need_x else (0,))
+        return (grad_x, torch.empty_like(weight), torch.empty_like(bn_weight),
+                torch.empty_like(bn_bias))  # fmt: skip
+
+
+def _dw_train_setup_context(ctx, inputs, output) -> None:
+    x, weight, bn_weight, bn_bias, eps, stride, act = inputs
+    _y, z, mean, var = output
+    ctx.save_for_backward(x, z, weight, bn_weight, bn_bias, mean, var)
+    ctx.eps, ctx.stride, ctx.act = eps, stride, act
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.set_materialize_grads(False)
+
+
+def _dw_train_backward(ctx, grad_y, *_unused):
+    """The autograd formula of ghostops::dw_bn_train: ghostops::dw_bn_backward."""
+    if grad_y is None:
+        return (None,) * 7
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "ghostops: double backward (create_graph=True) through the fused depthwise conv + "
+            "BatchNorm op is not supported; use ghostops.use_backend('reference')"
+        )
+    x, z, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    grad_x, grad_w, grad_g, grad_b = torch.ops.ghostops.dw_bn_backward(
+        grad_y, x, z, weight, bn_weight, bn_bias, mean, var, ctx.eps, ctx.stride, ctx.act,
+        ctx.needs_input_grad[0],
+    )  # fmt: skip
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_w, grad_g, grad_b, None, None,
+            None)  # fmt: skip
+
 
 def _train_setup_context(ctx, inputs, output) -> None:
     x, primary_weight, bn1_weight, bn1_bias, bn1_eps, cheap_weight = inputs[:6]
@@ -105,6 +146,9 @@ if _ext.cpu_available():
     _register_fakes()
     torch.library.register_autograd(
         f"{_LIB}::ghost_forward_train", _train_backward, setup_context=_train_setup_context
+    )
+    torch.library.register_autograd(
+        f"{_LIB}::dw_bn_train", _dw_train_backward, setup_context=_dw_train_setup_context
     )
 
 
@@ -260,32 +304,71 @@ def depthwise_bn(
     stride: int = 1,
     relu: bool = False,
     eps: float = 1e-5,
+    training: bool = False,
+    momentum: float = 0.1,
 ) -> Tensor:
-    """Eval-mode depthwise conv + BatchNorm (running statistics) + optional ReLU, as
+    """Depthwise conv + BatchNorm + optional ReLU. Eval (running statistics): as
     ``ghostops.reference.depthwise_bn_reference``: GhostNet's depthwise convs outside the Ghost
     modules. The C++ kernel (``ghostops::dw_bn_eval``) runs NCHW-contiguous float32 / float64
     CPU tensors under the ``cpu`` backend when no gradient is needed and output rows are at
     least 8 wide; anything else runs the reference. (The kernel's vectors run along a row: on a
     7x7 output, GhostNet's 672-channel 5x5 stride-2 conv at batch 32 took 1.9 ms against
-    stock PyTorch's 0.9.)"""
+    stock PyTorch's 0.9.)
+
+    ``training=True``: batch statistics normalise, and ``bn_mean`` / ``bn_var`` (if given) are
+    updated in place as ``nn.BatchNorm2d`` does with factor ``momentum``;
+    ``ghostops::dw_bn_train`` (with autograd, ``ghostops::dw_bn_backward``) runs NCHW-contiguous
+    float32 / float64 CPU tensors under the ``cpu`` backend, the reference anything else."""
+    if training:
+        return _depthwise_bn_train(
+            x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=stride, relu=relu, eps=eps,
+            momentum=momentum,
+        )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bn_weight, bn_bias)
     )
-    fused = (
-        select_backend(x.device.type) == "cpu"
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.dim() == 4
-        and x.is_contiguous()
-        and weight.shape[-1] % 2 == 1
-        and output_size(x.shape[-1], weight.shape[-1], stride) >= 8
-        and not needs_grad
-    )
-    if fused:
+    wide = output_size(x.shape[-1], weight.shape[-1], stride) >= 8
+    if _dw_kernel_applies(x, weight) and wide and not needs_grad:
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.dw_bn_eval(
             x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, act
         )
     return depthwise_bn_reference(
         x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=stride, relu=relu, eps=eps
+    )
+
+
+def _depthwise_bn_train(x, weight, bn_weight, bn_bias, bn_mean, bn_var, *, stride, relu, eps,
+                        momentum):  # fmt: skip
+    act = "relu" if relu else "identity"
+    if not _dw_kernel_applies(x, weight):
+        y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+        y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, True, momentum, eps)
+        return F.relu(y) if relu else y
+    y, _z, mean, var = torch.ops.ghostops.dw_bn_train(
+        x, weight, bn_weight, bn_bias, eps, stride, act
+    )
+    if bn_mean is not None and momentum:
+        count = y.numel() // y.shape[1]
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                [bn_mean, bn_var],
+                [mean.to(bn_mean.dtype), (var * (count / (count - 1))).to(bn_var.dtype)],
+                momentum,
+            )
+    return y
+
+
+def _dw_kernel_applies(x: Tensor, weight: Tensor) -> bool:
+    """The dw_bn C++ kernels take NCHW-contiguous float32 / float64 CPU tensors with a non-empty
+    map and an odd kernel, under the ``cpu`` backend."""
+    return (
+        select_backend(x.device.type) == "cpu"
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() == 4
+        and x.is_contiguous()
+        and weight.shape[-1] % 2 == 1
+        and x.shape[-2] > 0
+        and x.shape[-1] > 0
     )

@@ -4,6 +4,8 @@ dispatch, and its use inside ghostops' GhostNet."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from ghost_cases import rel_err
@@ -183,3 +185,70 @@ def test_output_pool_limit_from_the_environment_is_checked():
     assert run.returncode == 0, run.stderr
     assert "(4, 48, 112, 112)" in run.stdout
     assert "GHOSTOPS_OUTPUT_POOL_MIB must be a whole number" in run.stderr
+
+
+# --- training: ghostops::dw_bn_train / dw_bn_backward ------------------------------------------
+
+TRAIN_CASES = [(2, 3, 7, 9, 3, 2, True), (2, 2, 6, 5, 5, 1, False), (3, 2, 5, 5, 3, 3, True),
+               (2, 4, 1, 1, 3, 2, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_training_gradcheck_float64(case):
+    n, c, h, w, k, stride, relu = case
+    x, (weight, gamma, beta, _, _) = make_args(n, c, h, w, k, seed=sum(case[:6]))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
+
+    def f(x, weight, gamma, beta):
+        return depthwise_bn(x, weight, gamma, beta, None, None, stride=stride, relu=relu,
+                            training=True)  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_matches_the_stock_modules(momentum):
+    """A bottleneck's conv_dw + bn_dw in training, fused (through GhostBottleneck's path) against
+    the stock modules: output, gradients, running statistics, num_batches_tracked."""
+    from ghostops.nn import _conv_bn
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 3, 2, 1, groups=6, bias=False)
+    bn = torch.nn.BatchNorm2d(6, momentum=momentum)
+    bn.running_mean.normal_()
+    bn.weight.data.uniform_(0.5, 1.5)
+    conv_ref, bn_ref = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(4, 6, 17, 15)
+    grad = torch.randn(4, 6, 9, 8)
+    for _ in range(2):  # two steps: the cumulative average (momentum None) counts batches
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        y = _conv_bn(conv, bn, xs[0], fused=True)
+        y_ref = bn_ref(conv_ref(xs[1]))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(y, [xs[0], conv.weight, bn.weight, bn.bias], grad)
+        want = torch.autograd.grad(y_ref, [xs[1], conv_ref.weight, bn_ref.weight, bn_ref.bias],
+                                   grad)  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 2
+
+
+def test_training_opcheck_and_errors():
+    x, (weight, gamma, beta, _, _) = make_args(2, 3, 7, 9, 3, torch.float32)
+    args = (x, weight, gamma, beta, 1e-5, 2, "relu")
+    torch.library.opcheck(torch.ops.ghostops.dw_bn_train, args)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
+    torch.library.opcheck(torch.ops.ghostops.dw_bn_train, (*leaves, 1e-5, 2, "relu"))
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        torch.ops.ghostops.dw_bn_train(x[:1, :, :1, :1], weight, gamma, beta, 1e-5, 2, "relu")
+
+
+def test_ghostnet_training_uses_the_fused_depthwise_training_op():
+    torch.manual_seed(0)
+    net = ghostnet(num_classes=10).train()
+    with profile() as prof:
+        net(torch.randn(2, 3, 64, 64)).sum().backward()
+    keys = {e.key for e in prof.key_averages()}
+    assert {"ghostops::dw_bn_train", "ghostops::dw_bn_backward"} <= keys
