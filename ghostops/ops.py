@@ -282,15 +282,26 @@ def _forward_train(x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, c
         x, primary_weight, bn1_weight, bn1_bias, eps, cheap_weight, bn2_weight, bn2_bias, eps,
         oup, stride, act,
     )  # fmt: skip
-    if update_running and momentum:
-        unbias = count / (count - 1)
-        with torch.no_grad():  # running += momentum * (batch - running): one foreach kernel
-            running = [bn1_mean, bn1_var, bn2_mean, bn2_var]
-            batch = [mean1, var1 * unbias, mean2, var2 * unbias]
-            torch._foreach_lerp_(
-                running, [b.to(r.dtype) for b, r in zip(batch, running, strict=True)], momentum
-            )
+    if update_running:
+        _update_running_stats(
+            [(bn1_mean, bn1_var, mean1, var1), (bn2_mean, bn2_var, mean2, var2)], count, momentum
+        )
     return y
+
+
+def _update_running_stats(stats, count: int, momentum: float | None) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update for each (running mean, running var,
+    batch mean, biased batch var) of ``stats``: ``running += momentum * (batch - running)``
+    with the unbiased variance, as one foreach kernel, on the tensors' device (no host sync)."""
+    if not momentum:
+        return
+    unbias = count / (count - 1)
+    running = [t for r_mean, r_var, _, _ in stats for t in (r_mean, r_var)]
+    batch = [t for _, _, b_mean, b_var in stats for t in (b_mean, b_var * unbias)]
+    with torch.no_grad():
+        torch._foreach_lerp_(
+            running, [b.to(r.dtype) for b, r in zip(batch, running, strict=True)], momentum
+        )
 
 
 def depthwise_bn(
@@ -348,14 +359,8 @@ def _depthwise_bn_train(x, weight, bn_weight, bn_bias, bn_mean, bn_var, *, strid
     y, _z, mean, var = torch.ops.ghostops.dw_bn_train(
         x, weight, bn_weight, bn_bias, eps, stride, act
     )
-    if bn_mean is not None and momentum:
-        count = y.numel() // y.shape[1]
-        with torch.no_grad():
-            torch._foreach_lerp_(
-                [bn_mean, bn_var],
-                [mean.to(bn_mean.dtype), (var * (count / (count - 1))).to(bn_var.dtype)],
-                momentum,
-            )
+    if bn_mean is not None:
+        _update_running_stats([(bn_mean, bn_var, mean, var)], y.numel() // y.shape[1], momentum)
     return y
 
 

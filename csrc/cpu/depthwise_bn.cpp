@@ -139,8 +139,8 @@ at::Tensor dw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
     T* w = folded.get();
     T* bias = w + C * d * d;
     for (int64_t c = 0; c < C; ++c) {
-      const T scale = T(double(g[c]) / std::sqrt(double(v[c]) + eps));
-      bias[c] = T(double(b[c]) - double(m[c]) * double(scale));
+      const auto [scale, shift] = bn_affine(m[c], v[c], g[c], b[c], eps);
+      bias[c] = shift;
       for (int64_t k = 0; k < d * d; ++k) w[c * d * d + k] = w0[c * d * d + k] * scale;
     }
     const DwParams<T> p{xc.const_data_ptr<T>(), y.mutable_data_ptr<T>(), w, bias, N, C, H, W, d,
@@ -169,13 +169,6 @@ at::Tensor dw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
 // backward), the batch mean and biased variance (rounded to T; the caller updates the running
 // statistics); the backward recomputes the forward's BN affine from them, so the ReLU mask is
 // the forward's bit for bit.
-
-// The affine of a BatchNorm from its batch mean / biased variance as rounded to T.
-template <typename T>
-std::pair<T, T> dw_bn_affine(T mean, T var, T gamma, T beta, double eps) {
-  const double invstd = 1.0 / std::sqrt(double(var) + eps);
-  return {T(double(gamma) * invstd), T(double(beta) - double(mean) * double(gamma) * invstd)};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_train_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -233,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_train_cpu(
         });
         mp[c] = T(mu);
         vp[c] = T(m2 / double(N * P));
-        const auto [scale, shift] = dw_bn_affine(mp[c], vp[c], g[c], b[c], eps);
+        const auto [scale, shift] = bn_affine(mp[c], vp[c], g[c], b[c], eps);
         const Vec sc(scale), sh(shift);
         for (int64_t n = 0; n < N; ++n) {
           const T* zn = zp + (n * C + c) * P;
@@ -299,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
       const int64_t wph = (wp + 1) / 2 + VL;
       std::vector<T> phase(stride == 2 ? 2 * hp * wph : 0, T(0)), line(2 * wph + 2 * VL);
       for (int64_t c = begin; c < end; ++c) {
-        const auto [scale, shift] = dw_bn_affine(mp[c], vp[c], g[c], b[c], eps);
+        const auto [scale, shift] = bn_affine(mp[c], vp[c], g[c], b[c], eps);
         const double invstd = 1.0 / std::sqrt(double(vp[c]) + eps);
         const Vec sc(scale), sh(shift), mean(mp[c]), zero(T(0));
         // ga = dL/da with a = z * scale + shift, as the forward computed a (same bits).

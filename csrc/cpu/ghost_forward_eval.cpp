@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #if defined(__linux__)
@@ -261,11 +262,9 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
     explicit Vector(const at::Tensor& v) : data(v.const_data_ptr<T>()), stride(v.stride(0)) {}
     double operator[](int64_t i) const { return double(data[i * stride]); }
   };
-  // scale = gamma / sqrt(var + eps) rounded to T, as the unfused module's affine would be.
   auto fold = [](const Vector& g, const Vector& beta, const Vector& mean, const Vector& var,
                  double eps, int64_t c, T& scale, T& bias) {
-    scale = T(g[c] / std::sqrt(var[c] + eps));
-    bias = T(beta[c] - mean[c] * double(scale));
+    std::tie(scale, bias) = bn_affine(T(mean[c]), T(var[c]), T(g[c]), T(beta[c]), eps);
   };
   const Vector vg1(g1), vbeta1(beta1), vmean1(mean1), vvar1(var1);
   for (int64_t m = 0; m < s.init; ++m) fold(vg1, vbeta1, vmean1, vvar1, eps1, m, scale1[m], b1[m]);

@@ -318,15 +318,6 @@ at::Tensor strided_input(const at::Tensor& x, int64_t stride) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// The affine x -> scale x + shift of a BatchNorm with batch mean / biased variance (as rounded
-// to T and returned by the forward). The forward and the backward both derive it here from the
-// same rounded values, so the backward recomputes the forward's activations bit for bit.
-template <typename T>
-std::pair<T, T> bn_affine(T mean, T var, T gamma, T beta, double eps) {
-  const double invstd = 1.0 / std::sqrt(double(var) + eps);
-  return {T(double(gamma) * invstd), T(double(beta) - double(mean) * double(gamma) * invstd)};
-}
-
 // A pointwise conv out = W b over N images of P pixels: b (N, K, P) contiguous, W (M, K) packed
 // by pack_weight; channel m of image n goes to out + n * image_stride + m * P, and with `copy`
 // also to copy (N, M, P). Tasks are pixels of one image, or whole images when maps are small.

@@ -8,8 +8,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -281,6 +283,16 @@ inline void advise_huge_pages(void* data, size_t bytes) {
   (void)data;
   (void)bytes;
 #endif
+}
+
+// The affine x -> scale x + shift of a BatchNorm with mean / variance: running statistics
+// (eval: folded into the convs), or batch statistics as rounded to T and returned by a training
+// forward, whose backward derives it here from the same values and so recomputes the forward's
+// activations bit for bit.
+template <typename T>
+std::pair<T, T> bn_affine(T mean, T var, T gamma, T beta, double eps) {
+  const double invstd = 1.0 / std::sqrt(double(var) + eps);
+  return {T(double(gamma) * invstd), T(double(beta) - double(mean) * double(gamma) * invstd)};
 }
 
 // Per-thread scratch, kept between calls so the hot path does not allocate.

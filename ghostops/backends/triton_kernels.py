@@ -42,6 +42,15 @@ def primary_gemm_tile(
 
 
 @triton.jit
+def plane_tile(CHANNELS, P, Wo, BLOCK: tl.constexpr):
+    """The tile of a plane kernel whose grid is (image x channel, pixel tiles): (n, channel, q,
+    ok, ho, wo), q the tile's flat pixel indices, ok those inside the (Ho, Wo) plane."""
+    pid = tl.program_id(0)
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return pid // CHANNELS, pid % CHANNELS, q, q < P, q // Wo, q % Wo
+
+
+@triton.jit
 def _primary_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     n_pix, P, Wo, K, M, stride,
@@ -77,13 +86,7 @@ def _cheap_kernel(
     D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """y[n, INIT + j] = act(b[j] + depthwise D x D conv of y[n, j // PER]), zero padded."""
-    pid = tl.program_id(0)  # (image, ghost channel)
-    n = pid // GHOST
-    j = pid % GHOST
-    q = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = q < P
-    ho = q // Wo
-    wo = q % Wo
+    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK_P)  # (image, ghost channel)
     src = y_ptr + n * syn + (j // PER) * syc
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for t in tl.static_range(D * D):

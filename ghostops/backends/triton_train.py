@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ghostops import ops as _ops
-from ghostops.backends.triton_kernels import primary_gemm_tile
+from ghostops.backends.triton_kernels import plane_tile, primary_gemm_tile
 from ghostops.ops import output_size
 
 BLOCK_P = 64  # pixels per tile of the plane kernels
@@ -97,14 +97,8 @@ def _f2_cheap(
     P, Ho, Wo, INIT, GHOST, NEW, PER, syn, syc, syh, syw,
     D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (image, ghost channel j < NEW)
-    n = pid // NEW
-    j = pid % NEW
+    n, j, q, ok, ho, wo = plane_tile(NEW, P, Wo, BLOCK)  # (image, ghost channel j < NEW)
     c = j // PER
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ho = q // Wo
-    wo = q % Wo
     z_plane = z_ptr + (n * INIT + c) * P
     sc = tl.load(sc1_ptr + c)
     sh = tl.load(sh1_ptr + c)
@@ -127,12 +121,8 @@ def _f3_affine_act(
     y_ptr, sc_ptr, sh_ptr, P, Wo, INIT, GHOST, syn, syc, syh, syw,
     RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (image, ghost channel j < GHOST)
-    n = pid // GHOST
-    j = pid % GHOST
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ptr = y_ptr + n * syn + (INIT + j) * syc + (q // Wo) * syh + (q % Wo) * syw
+    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK)  # (image, ghost channel j < GHOST)
+    ptr = y_ptr + n * syn + (INIT + j) * syc + ho * syh + wo * syw
     v = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
     v = _act(v * tl.load(sc_ptr + j) + tl.load(sh_ptr + j), RELU)
     tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=ok)
@@ -146,13 +136,7 @@ def _ghost_grads(
 ):  # fmt: skip
     """The program's tile, grid (image x ghost channel j < GHOST, pixel tiles): its (n, j, q,
     ok) and ga2, x2hat there, z2 recomputed as F2 computes it. B1 and B2 both start here."""
-    pid = tl.program_id(0)
-    n = pid // GHOST
-    j = pid % GHOST
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ho = q // Wo
-    wo = q % Wo
+    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK)
     c = j // PER
     z2 = _z2_tile(z_ptr + (n * INIT + c) * P, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo,
                   tl.load(sc1_ptr + c), tl.load(sh1_ptr + c), D, RELU)  # fmt: skip
@@ -214,13 +198,7 @@ def _b3_dx1(
     D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """ga1 = (dy1 + dwconv^T(dz2)) act'(a1) into ga1 (N, INIT, P); its sums and ga1 x1hat's."""
-    pid = tl.program_id(0)  # (image, intrinsic channel c)
-    n = pid // INIT
-    c = pid % INIT
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = q < P
-    ho = q // Wo
-    wo = q % Wo
+    n, c, q, ok, ho, wo = plane_tile(INIT, P, Wo, BLOCK)  # (image, intrinsic channel c)
     dx = tl.load(gy_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
     dx = dx.to(tl.float32)
     for jj in range(PER):
