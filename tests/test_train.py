@@ -34,6 +34,8 @@ TRAIN_CASES = [
     Case(40, 60, 7, 7, batch=9),  # several images per GEMM task and per plane task
     Case(6, 10, 10, 10, batch=7, ratio=3),  # plane tasks of 4 images: the last one has 3
     Case(16, 24, 50, 47, batch=2),  # several pixel chunks per image
+    Case(70, 160, 5, 6, batch=3),  # weight gradient by rows: x transposed, 4 + 1 vectors wide
+    Case(8, 40, 9, 11, batch=5),  # and with 13 images a chunk
     Case(6, 10, 9, 11, channels_last=True),
     Case(7, 9, 15, 17, stride=2, strided_input=True),
 ]
@@ -124,7 +126,8 @@ GRADCHECK_CASES = [
     Case(2, 3, 5, 3, batch=2, dw_size=1),
     Case(3, 6, 4, 4, batch=2, dw_size=5, stride=2),
     Case(4, 7, 3, 3, batch=3, channels_last=True),
-    Case(2, 3, 12, 11, batch=1),  # 132 pixels: the dot-product weight-gradient kernel
+    Case(2, 3, 12, 11, batch=1),  # 132 pixels: the weight gradient by rows
+    Case(3, 2, 17, 16, batch=1),  # 272 pixels: the dot-product weight-gradient kernel
 ]
 
 

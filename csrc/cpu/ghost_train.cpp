@@ -34,6 +34,7 @@
 
 #include "../ghost_common.h"
 #include "kernels.h"
+#include "output_pool.h"
 
 namespace ghostops::cpu {
 namespace {
@@ -427,60 +428,113 @@ void weight_grad_tile_dispatch(int ri, int rc, const T* dz, const T* x, int64_t 
   weight_grad_tile<T, RI, RC>(dz, x, I, C, P, n0, n1, p0, p1, i0, c0, gw);
 }
 
-// The same gradient for small maps, where rows of P pixels are too short for dot products:
-// gw^T (C, I) = X (C, N P) DZ^T (N P, I) as one GEMM with the forward's micro-kernel, over
-// K = N P. Each thread packs its blocks of X's rows k-major straight from x (N, C, P) and sweeps
-// them with panels of DZ^T (dz transposed once).
-template <typename T>
-void weight_grad_packed(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, int64_t P,
-                        double* gw) {
-  constexpr int64_t VL = Vectorized<T>::size(), NB = kPanel<T>;
-  const int64_t K = N * P;
-  std::vector<T> dzt(K * I);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t j = 0; j < I; ++j)
-        for (int64_t p = 0; p < P; ++p) dzt[(n * P + p) * I + j] = dz[(n * I + j) * P + p];
-  });
-  const PixelMatrix<T> b{dzt.data(), I, 0, I, 1};  // K rows of I columns
-  const int64_t blocks = row_blocks(C, kMaxRows<T>);
-  const std::vector<T> zero_bias(kMaxRows<T>, T(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t r0 = row_block_start(C, blocks, begin), r1 = row_block_start(C, blocks, end);
-    T* packed = scratch<T>((r1 - r0) * (K + I) + K * NB);
-    T* out = packed + (r1 - r0) * K;
-    T* panel = out + (r1 - r0) * I;
-    for (int64_t blk = begin; blk < end; ++blk) {  // the layout pack_weight gives each block
-      const int64_t m0 = row_block_start(C, blocks, blk);
-      const int64_t rows = row_block_start(C, blocks, blk + 1) - m0;
-      T* a = packed + (m0 - r0) * K;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* src = x + (n * C + m0 + r) * P;
-          for (int64_t p = 0; p < P; ++p) a[(n * P + p) * rows + r] = src[p];
-        }
-    }
-    for (int64_t j = 0; j < I; j += NB) {
-      const int64_t cols = std::min(NB, I - j);
-      pack_panel(b, K, j, cols, panel);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t m0 = row_block_start(C, blocks, blk);
-        const int64_t rows = row_block_start(C, blocks, blk + 1) - m0;
-        gemm_block_dispatch<T, Act::Identity>(rows, cols > VL, packed + (m0 - r0) * K,
-                                              zero_bias.data(), panel, K,
-                                              out + (m0 - r0) * I + j, I,
-                                              cols > VL ? cols - VL : cols);
+// The same gradient for maps of up to kRowsWeightGradPixels pixels, as a GEMM over
+// K = N P (image by image) with a register-blocked micro-kernel: out (R, L) = A (R, K) B (K, L).
+// B is the operand with fewer channels, transposed once into k-major rows of Lp (L rounded up
+// to vectors, zero beyond L); A is the other, read in place: row r of image n is the plane
+// a + (n R + r) P, broadcast one pixel at a time, so it is never packed. Threads split the rows
+// of A (each out entry has one writer, summed in a fixed order whatever the thread count);
+// each register tile sums in T over a chunk of images (about kChunkPixels pixels, so that
+// chunk of B stays in L2 while every row block sweeps it) and adds that to out in double.
+template <typename T, int MR, int NV>
+inline void rows_tile(const T* const* a, const T* b, int64_t ldb, int64_t P, int64_t n0,
+                      int64_t n1, int64_t image_stride, double* out, int64_t ldo) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  Vec acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec(T(0));
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* an[MR];
+    for (int m = 0; m < MR; ++m) an[m] = a[m] + n * image_stride;
+    const T* bn = b + n * P * ldb;
+    for (int64_t p = 0; p < P; ++p, bn += ldb) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bn + v * VL);
+      for (int m = 0; m < MR; ++m) {
+        const Vec av(an[m][p]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(av, bv[v], acc[m][v]);
       }
     }
-    for (int64_t m = r0; m < r1; ++m)
-      for (int64_t j = 0; j < I; ++j) gw[j * C + m] = double(out[(m - r0) * I + j]);
-  });
+  }
+  alignas(64) T lanes[NV * VL];
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < NV; ++v) acc[m][v].store(lanes + v * VL);
+    for (int64_t l = 0; l < NV * VL; ++l) out[m * ldo + l] += double(lanes[l]);
+  }
 }
 
-// Maps below this many pixels take weight_grad_packed. Measured at batch 32: 7x7 maps, 0.81
-// against 1.72 ms (960->160) and 0.99 against 2.17 ms (160->960) for the dot-product kernel;
-// 14x14 maps, 2.43 against 1.53 ms (480->112): there the dot products win.
-constexpr int64_t kPackedWeightGradPixels = 128;
+// rows_tile with MR <= kRowsMR rows and NV <= kRowsNV vectors chosen at run time.
+template <typename T, int MR, int NV>
+void rows_tile_dispatch(int mr, int nv, const T* const* a, const T* b, int64_t ldb, int64_t P,
+                        int64_t n0, int64_t n1, int64_t image_stride, double* out, int64_t ldo) {
+  if constexpr (MR > 1) {
+    if (mr < MR)
+      return rows_tile_dispatch<T, MR - 1, NV>(mr, nv, a, b, ldb, P, n0, n1, image_stride, out,
+                                               ldo);
+  }
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return rows_tile_dispatch<T, MR, NV - 1>(mr, nv, a, b, ldb, P, n0, n1, image_stride, out,
+                                               ldo);
+  }
+  rows_tile<T, MR, NV>(a, b, ldb, P, n0, n1, image_stride, out, ldo);
+}
+
+// Measured at batch 32 against the kernels before it (dot products on 14x14, x packed k-major
+// on 7x7): 672->112 14x14 3.4-3.9 -> 2.5-2.7 ms, 240->80 14x14 0.82 -> 0.69, 960->160 7x7
+// 1.3-1.5 -> 1.1; on 28x28 maps the transpose of B costs more than the tiles gain (40->240,
+// 1.5-1.9 -> 3.2 ms), so larger maps keep the dot products.
+constexpr int64_t kRowsWeightGradPixels = 256;
+
+template <typename T>
+void weight_grad_rows(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, int64_t P,
+                      double* gw) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  // 6 x 4 tiles: 24 accumulators, 6 broadcasts and 4 loads per 24 FMAs (AVX-512); 3 x 4 on
+  // AVX2's 16 registers.
+  constexpr int MR = VL * sizeof(T) >= 64 ? 6 : 3, NV = 4;
+  constexpr int64_t kChunkPixels = 512;
+  const bool b_is_x = C < I;  // transpose the smaller operand
+  const T* a_data = b_is_x ? dz : x;
+  const T* b_data = b_is_x ? x : dz;
+  const int64_t R = b_is_x ? I : C, L = b_is_x ? C : I;
+  const int64_t Lp = (L + VL - 1) / VL * VL;
+  std::vector<T> bt(N * P * Lp);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t p0 = 0; p0 < P; p0 += 16)
+        for (int64_t l = 0; l < Lp; ++l)
+          for (int64_t p = p0; p < std::min(P, p0 + 16); ++p)
+            bt[(n * P + p) * Lp + l] = l < L ? b_data[(n * L + l) * P + p] : T(0);
+  });
+  std::vector<double> out(R * Lp, 0.0);
+  const int64_t images = std::clamp<int64_t>(kChunkPixels / P, 1, N);
+  const int64_t blocks = (R + MR - 1) / MR;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = 0; n0 < N; n0 += images)
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * MR, mr = std::min<int64_t>(MR, R - r0);
+        const T* rows[MR];
+        for (int64_t m = 0; m < MR; ++m) rows[m] = a_data + (r0 + std::min(m, mr - 1)) * P;
+        for (int64_t j = 0; j < Lp; j += NV * VL)
+          rows_tile_dispatch<T, MR, NV>(int(mr), int(std::min<int64_t>(NV, (Lp - j) / VL)),
+                                        rows, bt.data() + j, Lp, P, n0,
+                                        std::min(N, n0 + images), R * P, out.data() + r0 * Lp + j,
+                                        Lp);
+      }
+  });
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t l = 0; l < L; ++l) {
+      const double v = out[r * Lp + l];
+      if (b_is_x) {
+        gw[r * C + l] = v;
+      } else {
+        gw[l * C + r] = v;
+      }
+    }
+}
 
 template <typename T>
 void weight_grad_gemm(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, int64_t P,
@@ -856,8 +910,13 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
   const at::Tensor xs = strided_input(x, stride);
   const at::Tensor gy = grad_y.contiguous();
   const at::Tensor z1c = z1.contiguous();
-  at::Tensor dz1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, x.options());
-  advise_huge_pages(dz1.mutable_data_ptr(), dz1.nbytes());
+  // dz1 lives for this call only and the input gradient until the layer below has used it:
+  // from the output pool, memory already faulted in (a fresh 38 MB dz1 at 16->48 112x112,
+  // batch 32, made B2 49 ms instead of 7.5 for a dozen calls). The forward's y and z1 are not
+  // pooled: they live until the backward, and pooling them raised a training step's peak
+  // memory by a quarter.
+  at::Tensor dz1 = pooled_empty({s.batch, s.init, s.out_h, s.out_w}, x.options(),
+                                 at::MemoryFormat::Contiguous);
   const auto dopts = x.options().dtype(at::kDouble);
   at::Tensor dg1 = at::zeros({s.init}, dopts), db1 = at::zeros({s.init}, dopts);
   at::Tensor dg2 = at::zeros({new_ch}, dopts), db2 = at::zeros({new_ch}, dopts);
@@ -901,8 +960,8 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward_cpu_gemms", [&] {
     using T = scalar_t;
     if (output_mask[0]) {
-      at::Tensor gxs = at::empty({s.batch, s.inp, s.out_h, s.out_w}, x.options());
-      advise_huge_pages(gxs.mutable_data_ptr(), gxs.nbytes());
+      at::Tensor gxs = pooled_empty({s.batch, s.inp, s.out_h, s.out_w}, x.options(),
+                                    at::MemoryFormat::Contiguous);
       const at::Tensor w1t = packed_weight<T>(primary_weight.reshape({s.init, s.inp}).t());
       pointwise_conv(s.batch, s.init, s.inp, P, dz1.const_data_ptr<T>(),
                      w1t.const_data_ptr<T>(), gxs.mutable_data_ptr<T>(), s.inp * P,
@@ -916,7 +975,7 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
     }
     if (output_mask[1]) {
       at::Tensor gw = at::empty({s.init, s.inp}, dopts);
-      auto* kernel = P < kPackedWeightGradPixels ? &weight_grad_packed<T> : &weight_grad_gemm<T>;
+      auto* kernel = P <= kRowsWeightGradPixels ? &weight_grad_rows<T> : &weight_grad_gemm<T>;
       kernel(dz1.const_data_ptr<T>(), xs.const_data_ptr<T>(), s.batch, s.init, s.inp, P,
              gw.mutable_data_ptr<double>());
       grad_w1 = gw.to(x.scalar_type()).view(primary_weight.sizes());

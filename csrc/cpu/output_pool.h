@@ -1,4 +1,5 @@
-// A pool for the large outputs of the CPU ops: freed blocks stay mapped and are handed out again,
+// A pool for the large outputs of the CPU ops (eval outputs, and the backward's temporaries and
+// input gradients): freed blocks stay mapped and are handed out again,
 // so calls that repeat the same shapes (an inference loop) write to memory that is already
 // faulted in. Fresh memory costs the kernel a page fault and a zeroing per page before the op
 // writes it: for 16->48 at 112x112, batch 32 (a 77 MB output, above glibc's mmap threshold, so
