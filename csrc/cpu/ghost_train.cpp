@@ -319,9 +319,8 @@ at::Tensor strided_input(const at::Tensor& x, int64_t stride) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// A pointwise conv out = W b over N images of P pixels: b (N, K, P) contiguous, W (M, K) packed
-// by pack_weight; channel m of image n goes to out + n * image_stride + m * P, and with `copy`
-// also to copy (N, M, P). Tasks are pixels of one image, or whole images when maps are small.
+// A pointwise conv out (N, M, P) = W b over N images of P pixels: b (N, K, P) contiguous,
+// W (M, K) packed by pack_weight. Tasks are pixels of one image, or whole images when maps are small.
 // With `moments` (tasks x M), also each task's per-channel mean / M2, taken while its tile is in
 // cache. The forward's primary conv (W1 x), and the backward's input gradient (W1^T dz1).
 struct PointwiseTasks {
@@ -340,7 +339,7 @@ inline PointwiseTasks pointwise_tasks(int64_t N, int64_t P) {
 
 template <typename T>
 void pointwise_conv(int64_t N, int64_t K, int64_t M, int64_t P, const T* b_data,
-                    const T* w_packed, T* out, int64_t image_stride, T* copy, Moments* moments) {
+                    const T* w_packed, T* out, Moments* moments) {
   const PointwiseTasks tasks = pointwise_tasks(N, P);
   const std::vector<T> zero_bias(M, T(0));
   at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
@@ -352,18 +351,16 @@ void pointwise_conv(int64_t N, int64_t K, int64_t M, int64_t P, const T* b_data,
       // One image's pixels go straight to `out`; several images' go through a buffer.
       const bool direct = g == 1;
       T* buf = scratch<T>((direct ? 0 : M * cols) + K * kPanel<T>);
-      T* c = direct ? out + n0 * image_stride + p0 : buf;
+      T* c = direct ? out + n0 * M * P + p0 : buf;
       const int64_t ldc = direct ? P : cols;
       const PixelMatrix<T> b{b_data + n0 * K * P + p0, P, K * P, len, g};
       primary_gemm<T, Act::Identity>(w_packed, zero_bias.data(), M, K, b, c, ldc,
                                      buf + (direct ? 0 : M * cols));
       for (int64_t m = 0; m < M; ++m) {
         if (moments != nullptr) moments[t * M + m] = moments_of(c + m * ldc, cols);
-        for (int64_t i = 0; i < g; ++i) {
-          const T* row = c + m * ldc + i * len;
-          if (!direct) copy_row(row, out + (n0 + i) * image_stride + m * P + p0, len);
-          if (copy != nullptr) copy_row(row, copy + ((n0 + i) * M + m) * P + p0, len);
-        }
+        if (!direct)
+          for (int64_t i = 0; i < g; ++i)
+            copy_row(c + m * ldc + i * len, out + ((n0 + i) * M + m) * P + p0, len);
       }
     }
   });
@@ -588,10 +585,10 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
   const int64_t P = s.out_h * s.out_w, N = s.batch, I = s.init;
   const int64_t new_ch = s.init * (s.ratio - 1), d = s.dw;
 
-  // F1: z1 straight into y[:, :init] and into z1 (saved for the backward), with moments.
+  // F1: z1 (saved for the backward), with moments.
   const int64_t tasks = pointwise_tasks(N, P).count;
   std::vector<Moments> part1(tasks * I);
-  pointwise_conv(N, s.inp, I, P, xs, w1_packed, y, s.oup * P, z1, part1.data());
+  pointwise_conv(N, s.inp, I, P, xs, w1_packed, z1, part1.data());
   std::vector<std::pair<T, T>> affine1(I), affine2(new_ch);
   for (int64_t m = 0; m < I; ++m)
     affine1[m] = finalize_bn(combine(part1.data() + m, tasks, I), m, eps1, g1, b1,
@@ -611,10 +608,9 @@ void train_forward(const GhostShape& s, const T* xs, const T* w1_packed, const T
     for (int64_t t = begin; t < end; ++t) {
       const int64_t q = t / I, c = t % I, n0 = q * gi;
       const Padded geo(s.out_h, s.out_w, d, std::min(gi, N - n0));
-      for (int64_t g = 0; g < geo.images; ++g) {
-        T* plane = y + ((n0 + g) * s.oup + c) * P;
-        bn_act_pad<T, A>(geo, g, plane, affine1[c].first, affine1[c].second, xp, plane);
-      }
+      for (int64_t g = 0; g < geo.images; ++g)
+        bn_act_pad<T, A>(geo, g, z1 + ((n0 + g) * I + c) * P, affine1[c].first,
+                         affine1[c].second, xp, y + ((n0 + g) * s.oup + c) * P);
       for (int64_t j = c * per; j < (c + 1) * per; ++j) {
         dw_flat(geo, xp, w2 + j * d * d, tmp);
         part2[q * new_ch + j] = moments_of(tmp + geo.lo, geo.hi - geo.lo,
@@ -964,8 +960,7 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
                                     at::MemoryFormat::Contiguous);
       const at::Tensor w1t = packed_weight<T>(primary_weight.reshape({s.init, s.inp}).t());
       pointwise_conv(s.batch, s.init, s.inp, P, dz1.const_data_ptr<T>(),
-                     w1t.const_data_ptr<T>(), gxs.mutable_data_ptr<T>(), s.inp * P,
-                     static_cast<T*>(nullptr), nullptr);
+                     w1t.const_data_ptr<T>(), gxs.mutable_data_ptr<T>(), nullptr);
       if (stride == 1) {
         grad_x = gxs;
       } else {
