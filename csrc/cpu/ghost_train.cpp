@@ -483,10 +483,50 @@ void rows_tile_dispatch(int mr, int nv, const T* const* a, const T* b, int64_t l
   rows_tile<T, MR, NV>(a, b, ldb, P, n0, n1, image_stride, out, ldo);
 }
 
+// dst[p * ldd + l] = src[l * lds + p] for l < rows, p < cols (at most 16 each). A full block
+// of floats on AVX-512 is transposed in registers (4 shuffle rounds); the rest element by element.
+template <typename T>
+void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
+                     int64_t cols) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows == 16 && cols == 16) {
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+      for (int k = 0; k < 8; ++k) {  // per 128-bit lane: pairs of rows interleaved
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+      }
+      auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+      for (int k = 0; k < 4; ++k) {  // r[4k + c], lane q: column 4q + c of rows 4k..4k+3
+        r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * k]), pd(t[4 * k + 2])));
+        r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * k]), pd(t[4 * k + 2])));
+        r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * k + 1]), pd(t[4 * k + 3])));
+        r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * k + 1]), pd(t[4 * k + 3])));
+      }
+      for (int c = 0; c < 4; ++c) {  // column 4q + c: lane q of r[c], r[4 + c], r[8 + c], r[12 + c]
+        const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+        const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+        _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(v0, w0, 0x88));
+        _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(v0, w0, 0xDD));
+        _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v1, w1, 0x88));
+        _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(v1, w1, 0xDD));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t p = 0; p < cols; ++p)
+    for (int64_t l = 0; l < rows; ++l) dst[p * ldd + l] = src[l * lds + p];
+}
+
 // Measured at batch 32 against the kernels before it (dot products on 14x14, x packed k-major
-// on 7x7): 672->112 14x14 3.4-3.9 -> 2.5-2.7 ms, 240->80 14x14 0.82 -> 0.69, 960->160 7x7
-// 1.3-1.5 -> 1.1; on 28x28 maps the transpose of B costs more than the tiles gain (40->240,
-// 1.5-1.9 -> 3.2 ms), so larger maps keep the dot products.
+// on 7x7): 672->112 14x14 3.4-3.9 -> 2.6-2.8 ms, 80->200 14x14 0.69-0.75 -> 0.51-0.55,
+// 240->80 14x14 0.82 -> 0.62, 960->160 7x7 1.3-1.5 -> 1.1. On 28x28 maps, where one operand
+// has 20 to 60 channels, the tiles are narrow and the dot products stay faster (72->40,
+// 0.40 against 0.61 ms; 40->240, 1.7-2.2 against 2.3-2.4).
 constexpr int64_t kRowsWeightGradPixels = 256;
 
 template <typename T>
@@ -506,10 +546,14 @@ void weight_grad_rows(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, 
   std::vector<T> bt(N * P * Lp);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      for (int64_t p0 = 0; p0 < P; p0 += 16)
-        for (int64_t l = 0; l < Lp; ++l)
-          for (int64_t p = p0; p < std::min(P, p0 + 16); ++p)
-            bt[(n * P + p) * Lp + l] = l < L ? b_data[(n * L + l) * P + p] : T(0);
+      for (int64_t p0 = 0; p0 < P; p0 += 16) {
+        const int64_t cols = std::min<int64_t>(16, P - p0);
+        T* dst = bt.data() + (n * P + p0) * Lp;
+        for (int64_t l0 = 0; l0 < L; l0 += 16)
+          transpose_block(b_data + (n * L + l0) * P + p0, P, dst + l0, Lp,
+                          std::min<int64_t>(16, L - l0), cols);
+        for (int64_t p = 0; p < cols; ++p) std::fill(dst + p * Lp + L, dst + (p + 1) * Lp, T(0));
+      }
   });
   std::vector<double> out(R * Lp, 0.0);
   const int64_t images = std::clamp<int64_t>(kChunkPixels / P, 1, N);
