@@ -235,6 +235,44 @@ def test_training_matches_the_stock_modules(momentum):
     assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 2
 
 
+# (batch, channels, height, width, kernel, stride): the backward's phase planes
+BACKWARD_CASES = [
+    (3, 5, 14, 14, 5, 2),  # GhostNet's 672-channel conv at 14x14: 7x7 outputs
+    (2, 4, 14, 14, 3, 1),  # the shortcut's stride-1 conv at 14x14
+    (2, 3, 15, 13, 5, 2),  # odd sizes
+    (2, 2, 9, 37, 3, 2),  # rows wider than two vectors
+    (2, 3, 8, 8, 7, 1),
+    (2, 2, 11, 10, 9, 2),  # 81 taps: the weight gradient 49 taps at a time
+    (3, 2, 10, 11, 3, 3),  # stride 3: nine phase planes
+    (2, 2, 3, 2, 5, 2),  # kernel wider than the map
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "id"])
+def test_training_backward_matches_autograd_of_the_reference(case, relu):
+    """dw_bn_backward against autograd through F.conv2d + F.batch_norm (+ relu), float64, on
+    fresh data, with and without the input gradient."""
+    n, c, h, w, k, stride = case
+    x, (weight, gamma, beta, _, _) = make_args(n, c, h, w, k, seed=sum(case))
+    act = "relu" if relu else "identity"
+    y, z, mean, var = torch.ops.ghostops.dw_bn_train(x, weight, gamma, beta, 1e-5, stride, act)
+    grad_y = torch.randn_like(y)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, gamma, beta)]
+    z_ref = torch.nn.functional.conv2d(leaves[0], leaves[1], None, stride, k // 2, 1, c)
+    y_ref = torch.nn.functional.batch_norm(z_ref, None, None, leaves[2], leaves[3], True, 0.1)
+    if relu:
+        y_ref = torch.relu(y_ref)
+    want = torch.autograd.grad(y_ref, leaves, grad_y)
+    for need_x in (True, False):
+        got = torch.ops.ghostops.dw_bn_backward(
+            grad_y, x, z, weight, gamma, beta, mean, var, 1e-5, stride, act, need_x
+        )
+        assert got[0].numel() == (x.numel() if need_x else 0)
+        for a, b in zip(got if need_x else got[1:], want if need_x else want[1:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_training_opcheck_and_errors():
     x, (weight, gamma, beta, _, _) = make_args(2, 3, 7, 9, 3, torch.float32)
     args = (x, weight, gamma, beta, 1e-5, 2, "relu")

@@ -245,6 +245,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_train_cpu(
   return {y, z, mean, var};
 }
 
+// gw[t] += sum over o < outs of dz[o] * src[tap_src[t] + o], all taps in one pass over dz
+// (zero past outs, up to a vector); TAPS: the tap count at compile time (0: taps, at most 49,
+// at run time).
+template <typename T, int TAPS>
+void flat_weight_grad(const T* dz, int64_t outs, const T* src, const int64_t* tap_src,
+                      int64_t taps, double* gw) {
+  using Vec = Vectorized<T>;
+  constexpr int kMaxTaps = 49;
+  const int64_t n = TAPS > 0 ? TAPS : taps;
+  Vec acc[TAPS > 0 ? TAPS : kMaxTaps];
+  for (int64_t t = 0; t < n; ++t) acc[t] = Vec(T(0));
+  for (int64_t o = 0; o < outs; o += Vec::size()) {
+    const Vec dv = Vec::loadu(dz + o);
+    for (int64_t t = 0; t < n; ++t)
+      acc[t] = at::vec::fmadd(dv, Vec::loadu(src + tap_src[t] + o), acc[t]);
+  }
+  for (int64_t t = 0; t < n; ++t)
+    gw[t] += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc[t]));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
@@ -281,19 +301,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
     T* gxp = need_x ? gx.mutable_data_ptr<T>() : nullptr;
     double *gwp = gw.mutable_data_ptr<double>(), *ggp = gg.mutable_data_ptr<double>();
     double* gbp = gb.mutable_data_ptr<double>();
-    const int64_t wp = W + 2 * h, hp = H + 2 * h;
     const double M = double(N * P);
     using Vec = Vectorized<T>;
     constexpr int64_t VL = Vec::size();
     auto hsum = [](Vec v) {
       return double(at::vec::vec_reduce_all<T>([](Vec u, Vec t) { return u + t; }, v));
     };
+    // The conv in phase planes: the zero-padded input (hp, wp) split by the parity of its row
+    // and column under the stride (s * s planes of (hs, ws); one plane, the padded input, at
+    // stride 1). Output (r, q) with tap (dy, dx) reads plane (dy % s, dx % s) at
+    // (r + dy / s, q + dx / s): in planes flattened with rows of ws, one offset per tap, so the
+    // weight gradient and the transposed conv run as vectors over flat ranges (outputs on rows
+    // of ws, the columns past Wo zero), whatever the width. Row by row they were masked
+    // vectors 7 wide at 7x7 outputs, and the transposed conv's overlapping read-modify-writes
+    // waited on store forwarding.
+    const int64_t st = stride, hp = H + 2 * h, wp = W + 2 * h;
+    const int64_t hs = (hp + st - 1) / st, ws = (wp + st - 1) / st, taps = d * d;
+    const int64_t span = ((d - 1) / st) * ws + (d - 1) / st;  // the largest tap offset
+    const int64_t plane = hs * ws + span + 2 * VL;            // a phase plane, with slack
+    const int64_t front = (span + VL - 1) / VL * VL;          // zeros before dz
+    const int64_t outs = Ho * ws;                             // flat outputs
+    std::vector<int64_t> off(taps), tap_src(taps);  // tap_src: where in xph tap t starts
+    std::vector<std::vector<int64_t>> phase_taps(st * st);
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t dy = t / d, dx = t % d, ph = (dy % st) * st + dx % st;
+      off[t] = (dy / st) * ws + dx / st;
+      tap_src[t] = ph * plane + off[t];
+      phase_taps[ph].push_back(t);
+    }
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      // Slack after the padded plane: the last row's vector loads run up to 2 VL past it.
-      std::vector<T> pad(hp * wp + 3 * VL, T(0)), dz(P + VL);
-      // Stride 2's transposed conv: the padded plane's even and odd columns, wph each.
-      const int64_t wph = (wp + 1) / 2 + VL;
-      std::vector<T> phase(stride == 2 ? 2 * hp * wph : 0, T(0)), line(2 * wph + 2 * VL);
+      std::vector<T> xph(st * st * plane, T(0)), gph(st * st * plane, T(0));
+      // line: a padded input row (its padding stays zero); out_line: a gradient row.
+      std::vector<T> dzf(front + plane + VL, T(0)), line(wp + 2 * VL, T(0)), out_line(line);
       for (int64_t c = begin; c < end; ++c) {
         const auto [scale, shift] = bn_affine(mp[c], vp[c], g[c], b[c], eps);
         const double invstd = 1.0 / std::sqrt(double(vp[c]) + eps);
@@ -322,93 +361,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
         ggp[c] = sum_gx;
         const Vec k = Vec(T(double(g[c]) * invstd)), is = Vec(T(invstd));
         const Vec mg = Vec(T(sum_ga / M)), mx = Vec(T(sum_gx / M));
-        const T* wc_ = w + c * d * d;
-        double* gwc = gwp + c * d * d;
+        const T* wc_ = w + c * taps;
+        double* gwc = gwp + c * taps;
+        T* dz = dzf.data() + front;  // rows of ws, zero past Wo and past the last row
         for (int64_t n = 0; n < N; ++n) {
           const T *zn = zp + (n * C + c) * P, *gn = gyp + (n * C + c) * P;
-          for (int64_t i = 0; i < P; i += VL) {
-            const int64_t count = std::min(VL, P - i);
-            Vec zv;
-            const Vec ga = grad_a(zn, gn, i, count, zv);
-            (k * (ga - mg - (zv - mean) * is * mx)).store(dz.data() + i, count);
-          }
-          // x padded by h zeros: the weight gradient correlates dz with it.
+          for (int64_t r = 0; r < Ho; ++r)
+            for (int64_t q = 0; q < Wo; q += VL) {
+              const int64_t count = std::min(VL, Wo - q);
+              Vec zv;
+              const Vec ga = grad_a(zn, gn, r * Wo + q, count, zv);
+              (k * (ga - mg - (zv - mean) * is * mx)).store(dz + r * ws + q, count);
+            }
+          // x into its phase planes (their padding stays zero from the start).
           const T* xn = xp + (n * C + c) * H * W;
-          for (int64_t r = 0; r < H; ++r)
-            std::copy(xn + r * W, xn + (r + 1) * W, pad.begin() + (r + h) * wp + h);
-          for (int64_t dy = 0; dy < d; ++dy)
-            for (int64_t dx = 0; dx < d; ++dx) {
-              Vec acc(T(0));
-              for (int64_t r = 0; r < Ho; ++r) {
-                const T* row = pad.data() + (r * stride + dy) * wp + dx;
-                const T* dzr = dz.data() + r * Wo;
-                for (int64_t q = 0; q < Wo; q += VL) {
-                  const Vec dv = Vec::loadu(dzr + q, std::min(VL, Wo - q));  // 0 past Wo
-                  Vec xv;
-                  if (stride == 1) {
-                    xv = Vec::loadu(row + q);
-                  } else if (stride == 2) {
-                    xv = at::vec::deinterleave2(Vec::loadu(row + 2 * q),
-                                                Vec::loadu(row + 2 * q + VL)).first;
-                  } else {
-                    T lanes[VL];
-                    for (int64_t l = 0; l < VL; ++l)
-                      lanes[l] = q + l < Wo ? row[(q + l) * stride] : T(0);
-                    xv = Vec::loadu(lanes);
-                  }
-                  acc = at::vec::fmadd(dv, xv, acc);
+          for (int64_t y = 0; y < H; ++y) {
+            const int64_t R = y + h;
+            T* dst = xph.data() + (R % st) * st * plane + (R / st) * ws;
+            if (st == 1) {
+              std::copy(xn + y * W, xn + (y + 1) * W, dst + h);
+            } else {
+              std::copy(xn + y * W, xn + (y + 1) * W, line.begin() + h);
+              if (st == 2) {
+                for (int64_t j = 0; 2 * j < wp; j += VL) {
+                  const auto [even, odd] = at::vec::deinterleave2(
+                      Vec::loadu(line.data() + 2 * j), Vec::loadu(line.data() + 2 * j + VL));
+                  even.store(dst + j, std::min(VL, ws - j));
+                  odd.store(dst + plane + j, std::min(VL, ws - j));
                 }
+              } else {
+                for (int64_t X = 0; X < wp; ++X) dst[(X % st) * plane + X / st] = line[X];
               }
-              gwc[dy * d + dx] += hsum(acc);
             }
+          }
+          // Weight gradient: every tap's products over the flat outputs (dz is zero on the
+          // columns past Wo and after the last row, so whole vectors are safe).
+          const T* xs_ = xph.data();
+          switch (taps) {  // the accumulators in registers for GhostNet's 3x3 and 5x5
+            case 9: flat_weight_grad<T, 9>(dz, outs, xs_, tap_src.data(), taps, gwc); break;
+            case 25: flat_weight_grad<T, 25>(dz, outs, xs_, tap_src.data(), taps, gwc); break;
+            default:  // 49 taps at a time
+              for (int64_t t0 = 0; t0 < taps; t0 += 49)
+                flat_weight_grad<T, 0>(dz, outs, xph.data(), tap_src.data() + t0,
+                                       std::min<int64_t>(49, taps - t0), gwc + t0);
+          }
           if (!need_x) continue;
-          // The transposed conv: every output scatters w * dz onto the taps it read (into the
-          // padded plane, or at stride 2 its phase planes, whose padding is then dropped; it is
-          // cleared again before reuse).
-          if (stride != 2) std::fill(pad.begin(), pad.end(), T(0));
-          for (int64_t dy = 0; dy < d; ++dy)
-            for (int64_t dx = 0; dx < d; ++dx) {
-              const T wt = wc_[dy * d + dx];
-              for (int64_t r = 0; r < Ho; ++r) {
-                T* row = pad.data() + (r * stride + dy) * wp + dx;
-                const T* dzr = dz.data() + r * Wo;
-                if (stride == 1 || stride == 2) {
-                  // Stride 2: into the phase plane of the tap's column parity (even columns
-                  // of the padded row, then odd ones), contiguous; interleaved below.
-                  T* prow = stride == 1
-                                ? row
-                                : phase.data() + (dx % 2) * hp * wph + (r * 2 + dy) * wph + dx / 2;
-                  const Vec wv(wt);
-                  for (int64_t q = 0; q < Wo; q += VL) {
-                    const int64_t count = std::min(VL, Wo - q);
-                    at::vec::fmadd(wv, Vec::loadu(dzr + q, count), Vec::loadu(prow + q, count))
-                        .store(prow + q, count);
-                  }
-                } else {
-                  for (int64_t q = 0; q < Wo; ++q) row[q * stride] += wt * dzr[q];
-                }
-              }
+          // The transposed conv as a gather: each phase plane of the padded input's gradient
+          // sums its taps' w * dz shifted back (dz has zeros before it), one store a vector.
+          for (int64_t ph = 0; ph < st * st; ++ph) {
+            T* gp = gph.data() + ph * plane;
+            const auto& mine = phase_taps[ph];
+            for (int64_t f = 0; f < hs * ws; f += VL) {
+              Vec a(T(0));
+              for (const int64_t t : mine)
+                a = at::vec::fmadd(Vec(wc_[t]), Vec::loadu(dz + f - off[t]), a);
+              a.store(gp + f);
             }
+          }
           T* gxn = gxp + (n * C + c) * H * W;
-          for (int64_t r = 0; r < H; ++r) {
-            const T* src = pad.data() + (r + h) * wp;
-            if (stride == 2) {  // the row's even and odd columns interleaved back
-              const T* even = phase.data() + (r + h) * wph;
-              const T* odd = phase.data() + hp * wph + (r + h) * wph;
+          for (int64_t y = 0; y < H; ++y) {
+            const int64_t R = y + h;
+            const T* src = gph.data() + (R % st) * st * plane + (R / st) * ws;
+            if (st == 1) {
+              std::copy(src + h, src + h + W, gxn + y * W);
+            } else if (st == 2) {  // the row's even and odd columns interleaved back
               for (int64_t j = 0; 2 * j < wp; j += VL) {
                 const auto [lo, hi] =
-                    at::vec::interleave2(Vec::loadu(even + j), Vec::loadu(odd + j));
-                lo.store(line.data() + 2 * j);
-                hi.store(line.data() + 2 * j + VL);
+                    at::vec::interleave2(Vec::loadu(src + j), Vec::loadu(src + plane + j));
+                lo.store(out_line.data() + 2 * j);
+                hi.store(out_line.data() + 2 * j + VL);
               }
-              src = line.data();
+              std::copy(out_line.begin() + h, out_line.begin() + h + W, gxn + y * W);
+            } else {
+              for (int64_t x = 0; x < W; ++x) {
+                const int64_t X = x + h;
+                gxn[y * W + x] = src[(X % st) * plane + X / st];
+              }
             }
-            std::copy(src + h, src + h + W, gxn + r * W);
-          }
-          if (stride == 2) {
-            std::fill(phase.begin(), phase.end(), T(0));
-          } else {
-            std::fill(pad.begin(), pad.end(), T(0));
           }
         }
       }

@@ -320,8 +320,8 @@ at::Tensor strided_input(const at::Tensor& x, int64_t stride) {
 // Forward.
 
 // A pointwise conv out (N, M, P) = W b over N images of P pixels: b (N, K, P) contiguous,
-// W (M, K) packed by pack_weight. Tasks are pixels of one image, or whole images when maps are small.
-// With `moments` (tasks x M), also each task's per-channel mean / M2, taken while its tile is in
+// W (M, K) packed by pack_weight. Tasks are pixels of one image, or whole images when maps are
+// small. With `moments` (tasks x M), also each task's per-channel mean / M2, taken while its tile is in
 // cache. The forward's primary conv (W1 x), and the backward's input gradient (W1^T dz1).
 struct PointwiseTasks {
   int64_t images, chunks, count;
