@@ -1000,7 +1000,8 @@ Grads ghost_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at
   });
 
   // B3 (second half): the primary conv's two GEMMs on dz1, with the forward's GEMM kernel
-  // (grad_xs = W1^T dz1) and a dot-product kernel over pixels (grad_w1 = dz1 xs^T).
+  // (grad_xs = W1^T dz1) and, for grad_w1 = dz1 xs^T, weight_grad_rows on maps of up to
+  // kRowsWeightGradPixels pixels, else the dot-product kernel over pixels.
   at::Tensor grad_x = at::empty({0}, x.options()), grad_w1 = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_backward_cpu_gemms", [&] {
     using T = scalar_t;
