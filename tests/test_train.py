@@ -36,6 +36,7 @@ TRAIN_CASES = [
     Case(16, 24, 50, 47, batch=2),  # several pixel chunks per image
     Case(70, 160, 5, 6, batch=3),  # weight gradient by rows: x transposed, 4 + 1 vectors wide
     Case(8, 40, 9, 11, batch=5),  # and with 13 images a chunk
+    Case(4, 8, 6, 7, batch=3, dw_size=9),  # 81 taps: kernel sizes past 7x7 at run time
     Case(6, 10, 9, 11, channels_last=True),
     Case(7, 9, 15, 17, stride=2, strided_input=True),
 ]

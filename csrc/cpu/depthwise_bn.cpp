@@ -246,26 +246,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_train_cpu(
   return {y, z, mean, var};
 }
 
-// gw[t] += sum over o < outs of dz[o] * src[tap_src[t] + o], all taps in one pass over dz
-// (zero past outs, up to a vector); TAPS: the tap count at compile time (0: taps, at most 49,
-// at run time).
-template <typename T, int TAPS>
-void flat_weight_grad(const T* dz, int64_t outs, const T* src, const int64_t* tap_src,
-                      int64_t taps, double* gw) {
-  using Vec = Vectorized<T>;
-  constexpr int kMaxTaps = 49;
-  const int64_t n = TAPS > 0 ? TAPS : taps;
-  Vec acc[TAPS > 0 ? TAPS : kMaxTaps];
-  for (int64_t t = 0; t < n; ++t) acc[t] = Vec(T(0));
-  for (int64_t o = 0; o < outs; o += Vec::size()) {
-    const Vec dv = Vec::loadu(dz + o);
-    for (int64_t t = 0; t < n; ++t)
-      acc[t] = at::vec::fmadd(dv, Vec::loadu(src + tap_src[t] + o), acc[t]);
-  }
-  for (int64_t t = 0; t < n; ++t)
-    gw[t] += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc[t]));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
@@ -396,15 +376,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_backward_cpu(
             }
           }
           // Weight gradient: every tap's products over the flat outputs (dz is zero on the
-          // columns past Wo and after the last row, so whole vectors are safe).
+          // columns past Wo, so those add nothing).
           const T* xs_ = xph.data();
+          const int64_t* src = tap_src.data();
           switch (taps) {  // the accumulators in registers for GhostNet's 3x3 and 5x5
-            case 9: flat_weight_grad<T, 9>(dz, outs, xs_, tap_src.data(), taps, gwc); break;
-            case 25: flat_weight_grad<T, 25>(dz, outs, xs_, tap_src.data(), taps, gwc); break;
-            default:  // 49 taps at a time
-              for (int64_t t0 = 0; t0 < taps; t0 += 49)
-                flat_weight_grad<T, 0>(dz, outs, xph.data(), tap_src.data() + t0,
-                                       std::min<int64_t>(49, taps - t0), gwc + t0);
+            case 9: tap_correlation<T, 9>(dz, 0, outs, xs_, src, taps, gwc); break;
+            case 25: tap_correlation<T, 25>(dz, 0, outs, xs_, src, taps, gwc); break;
+            default:
+              for (int64_t t0 = 0; t0 < taps; t0 += kMaxCorrelationTaps)
+                tap_correlation<T, 0>(dz, 0, outs, xs_, src + t0,
+                                      std::min<int64_t>(kMaxCorrelationTaps, taps - t0),
+                                      gwc + t0);
           }
           if (!need_x) continue;
           // The transposed conv as a gather: each phase plane of the padded input's gradient

@@ -29,6 +29,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -40,9 +41,7 @@ namespace ghostops::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Reductions: vectors of T over runs of kRun elements, each run's total added in double.
-
-constexpr int64_t kRun = 256;
+// Reductions (runs of kRun elements, kernels.h).
 
 template <typename T, typename F>
 double reduce_runs(int64_t n, F&& term) {  // sum over i < n of term(i) (a Vectorized<T>)
@@ -150,10 +149,14 @@ template <typename T, int D, bool ACC>
 void dw_flat_impl(const Padded& g, const T* xp, const T* w, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
-  constexpr int kMaxTaps = 49;  // 7 x 7
   const int taps = D > 0 ? D * D : int(g.d * g.d);
-  Vec wv[D > 0 ? D * D : kMaxTaps];
-  int64_t off[D > 0 ? D * D : kMaxTaps];
+  // Fixed arrays for a compile-time kernel size; any other size on the heap.
+  Vec wv_fixed[D > 0 ? D * D : 1];
+  int64_t off_fixed[D > 0 ? D * D : 1];
+  std::vector<Vec> wv_heap(D > 0 ? 0 : taps);
+  std::vector<int64_t> off_heap(D > 0 ? 0 : taps);
+  Vec* wv = D > 0 ? wv_fixed : wv_heap.data();
+  int64_t* off = D > 0 ? off_fixed : off_heap.data();
   for (int t = 0; t < taps; ++t) {
     wv[t] = Vec(w[t]);
     off[t] = g.offset(t / g.d, t % g.d);
@@ -173,38 +176,6 @@ void dw_flat_impl(const Padded& g, const T* xp, const T* w, T* out) {
   }
 }
 
-// gw[t] = sum over i in [lo, hi) of gp[i] * xp[i + offset(t)]: the depthwise weight's gradient
-// when gp is a gradient plane that is zero outside its pixels. One pass, all taps at once.
-template <typename T, int D>
-void dw_weight_grad_impl(const Padded& g, const T* gp, const T* xp, double* gw) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t VL = Vec::size();
-  constexpr int kMaxTaps = 49;
-  const int taps = D > 0 ? D * D : int(g.d * g.d);
-  Vec acc[D > 0 ? D * D : kMaxTaps];
-  int64_t off[D > 0 ? D * D : kMaxTaps];
-  for (int t = 0; t < taps; ++t) {
-    acc[t] = Vec(T(0));
-    off[t] = g.offset(t / g.d, t % g.d);
-    gw[t] = 0;
-  }
-  auto flush = [&] {
-    for (int t = 0; t < taps; ++t) {
-      gw[t] += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc[t]));
-      acc[t] = Vec(T(0));
-    }
-  };
-  int64_t run = 0;
-  for (int64_t i = g.lo; i < g.hi; i += VL) {
-    const int64_t count = std::min(VL, g.hi - i);
-    const Vec gv = Vec::loadu(gp + i, count);
-    for (int t = 0; t < taps; ++t)
-      acc[t] = at::vec::fmadd(gv, Vec::loadu(xp + i + off[t], count), acc[t]);
-    if (++run == kRun / VL) flush(), run = 0;
-  }
-  flush();
-}
-
 template <typename T, bool ACC = false>
 void dw_flat(const Padded& g, const T* xp, const T* w, T* out) {
   switch (g.d) {
@@ -214,12 +185,23 @@ void dw_flat(const Padded& g, const T* xp, const T* w, T* out) {
   }
 }
 
+// gw[t] = sum over i in [lo, hi) of gp[i] * xp[i + offset(t)]: the depthwise weight's gradient
+// when gp is a gradient plane that is zero outside its pixels.
 template <typename T>
 void dw_weight_grad(const Padded& g, const T* gp, const T* xp, double* gw) {
+  const int64_t taps = g.d * g.d;
+  std::vector<int64_t> off(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    off[t] = g.offset(t / g.d, t % g.d);
+    gw[t] = 0;
+  }
   switch (g.d) {
-    case 3: return dw_weight_grad_impl<T, 3>(g, gp, xp, gw);
-    case 5: return dw_weight_grad_impl<T, 5>(g, gp, xp, gw);
-    default: return dw_weight_grad_impl<T, 0>(g, gp, xp, gw);
+    case 3: return tap_correlation<T, 9>(gp, g.lo, g.hi, xp, off.data(), taps, gw);
+    case 5: return tap_correlation<T, 25>(gp, g.lo, g.hi, xp, off.data(), taps, gw);
+    default:
+      for (int64_t t0 = 0; t0 < taps; t0 += kMaxCorrelationTaps)
+        tap_correlation<T, 0>(gp, g.lo, g.hi, xp, off.data() + t0,
+                              std::min<int64_t>(kMaxCorrelationTaps, taps - t0), gw + t0);
   }
 }
 
@@ -321,8 +303,9 @@ at::Tensor strided_input(const at::Tensor& x, int64_t stride) {
 
 // A pointwise conv out (N, M, P) = W b over N images of P pixels: b (N, K, P) contiguous,
 // W (M, K) packed by pack_weight. Tasks are pixels of one image, or whole images when maps are
-// small. With `moments` (tasks x M), also each task's per-channel mean / M2, taken while its tile is in
-// cache. The forward's primary conv (W1 x), and the backward's input gradient (W1^T dz1).
+// small. With `moments` (tasks x M), also each task's per-channel mean / M2, taken while its
+// tile is in cache. The forward's primary conv (W1 x), and the backward's input gradient
+// (W1^T dz1).
 struct PointwiseTasks {
   int64_t images, chunks, count;
 };
@@ -466,7 +449,7 @@ inline void rows_tile(const T* const* a, const T* b, int64_t ldb, int64_t P, int
   }
 }
 
-// rows_tile with MR <= kRowsMR rows and NV <= kRowsNV vectors chosen at run time.
+// rows_tile with mr <= MR rows and nv <= NV vectors chosen at run time.
 template <typename T, int MR, int NV>
 void rows_tile_dispatch(int mr, int nv, const T* const* a, const T* b, int64_t ldb, int64_t P,
                         int64_t n0, int64_t n1, int64_t image_stride, double* out, int64_t ldo) {
@@ -543,12 +526,13 @@ void weight_grad_rows(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, 
   const T* b_data = b_is_x ? x : dz;
   const int64_t R = b_is_x ? I : C, L = b_is_x ? C : I;
   const int64_t Lp = (L + VL - 1) / VL * VL;
-  std::vector<T> bt(N * P * Lp);
+  const std::unique_ptr<T[]> bt_buffer(new T[N * P * Lp]);  // every element written below
+  T* bt = bt_buffer.get();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t p0 = 0; p0 < P; p0 += 16) {
         const int64_t cols = std::min<int64_t>(16, P - p0);
-        T* dst = bt.data() + (n * P + p0) * Lp;
+        T* dst = bt + (n * P + p0) * Lp;
         for (int64_t l0 = 0; l0 < L; l0 += 16)
           transpose_block(b_data + (n * L + l0) * P + p0, P, dst + l0, Lp,
                           std::min<int64_t>(16, L - l0), cols);
@@ -563,10 +547,10 @@ void weight_grad_rows(const T* dz, const T* x, int64_t N, int64_t I, int64_t C, 
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r0 = blk * MR, mr = std::min<int64_t>(MR, R - r0);
         const T* rows[MR];
-        for (int64_t m = 0; m < MR; ++m) rows[m] = a_data + (r0 + std::min(m, mr - 1)) * P;
+        for (int64_t m = 0; m < mr; ++m) rows[m] = a_data + (r0 + m) * P;
         for (int64_t j = 0; j < Lp; j += NV * VL)
           rows_tile_dispatch<T, MR, NV>(int(mr), int(std::min<int64_t>(NV, (Lp - j) / VL)),
-                                        rows, bt.data() + j, Lp, P, n0,
+                                        rows, bt + j, Lp, P, n0,
                                         std::min(N, n0 + images), R * P, out.data() + r0 * Lp + j,
                                         Lp);
       }

@@ -295,6 +295,39 @@ std::pair<T, T> bn_affine(T mean, T var, T gamma, T beta, double eps) {
   return {T(double(gamma) * invstd), T(double(beta) - double(mean) * double(gamma) * invstd)};
 }
 
+// Reductions: vectors of T over runs of kRun elements, each run's total added in double.
+constexpr int64_t kRun = 256;
+constexpr int kMaxCorrelationTaps = 49;  // 7 x 7
+
+// gw[t] += sum over i in [begin, end) of g[i] * src[off[t] + i], for t < taps: a depthwise
+// weight's gradient, all taps in one pass over g (the Ghost backward's padded planes, the
+// depthwise op's phase planes). TAPS: the tap count at compile time (0: taps, at most
+// kMaxCorrelationTaps, at run time). Lanes past end load as zero.
+template <typename T, int TAPS>
+void tap_correlation(const T* g, int64_t begin, int64_t end, const T* src, const int64_t* off,
+                     int64_t taps, double* gw) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  const int64_t n = TAPS > 0 ? TAPS : taps;
+  Vec acc[TAPS > 0 ? TAPS : kMaxCorrelationTaps];
+  for (int64_t t = 0; t < n; ++t) acc[t] = Vec(T(0));
+  auto flush = [&] {
+    for (int64_t t = 0; t < n; ++t) {
+      gw[t] += double(at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc[t]));
+      acc[t] = Vec(T(0));
+    }
+  };
+  int64_t run = 0;
+  for (int64_t i = begin; i < end; i += VL) {
+    const int64_t count = std::min(VL, end - i);
+    const Vec gv = Vec::loadu(g + i, count);
+    for (int64_t t = 0; t < n; ++t)
+      acc[t] = at::vec::fmadd(gv, Vec::loadu(src + off[t] + i, count), acc[t]);
+    if (++run == kRun / VL) flush(), run = 0;
+  }
+  flush();
+}
+
 // Per-thread scratch, kept between calls so the hot path does not allocate.
 template <typename T>
 T* scratch(int64_t elements) {
