@@ -24,8 +24,9 @@ TORCH_LIBRARY(ghostops, m) {
       "float bn1_eps, Tensor cheap_weight, Tensor bn2_weight, Tensor bn2_bias, float bn2_eps, "
       "int oup, int stride, str act) -> (Tensor y, Tensor z1, Tensor mean1, Tensor var1, "
       "Tensor mean2, Tensor var2)");
-  // Backward of ghost_forward_train from its input x, its z1 and batch statistics (not y). output_mask:
-  // whether grad_x and grad_primary_weight are wanted (an unwanted one comes back empty).
+  // Backward of ghost_forward_train from its input x, its z1 and batch statistics (not y).
+  // output_mask: whether grad_x and grad_primary_weight are wanted (an unwanted one comes back
+  // empty).
   m.def(
       "ghost_backward(Tensor grad_y, Tensor x, Tensor z1, Tensor primary_weight, "
       "Tensor bn1_weight, Tensor bn1_bias, Tensor mean1, Tensor var1, float bn1_eps, "
@@ -49,6 +50,19 @@ TORCH_LIBRARY(ghostops, m) {
       "dw_bn_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor mean, Tensor var, float eps, int stride, str act, bool need_x) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // Eval-mode squeeze-and-excitation (GhostNet's, hard-sigmoid gate): y = x * relu6(W_e
+  // relu(W_r mean_hw(x) + b_r) + b_e + 3) / 6, weights (R, C, 1, 1) and (C, R, 1, 1).
+  // x (N, C, H, W) -> contiguous, same shape.
+  m.def(
+      "se_eval(Tensor x, Tensor reduce_weight, Tensor reduce_bias, Tensor expand_weight, "
+      "Tensor expand_bias) -> Tensor");
+  // Eval-mode 1x1 conv (no bias) + BatchNorm (running statistics) + act, plus residual if
+  // given (added after act): GhostNet's shortcut 1x1 conv + BN + the bottleneck's add, and its
+  // 1x1 ConvBnAct. x (N, C_in, H, W), weight (C_out, C_in, 1, 1) -> (N, C_out, H, W),
+  // contiguous.
+  m.def(
+      "pw_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
+      "Tensor bn_var, float eps, str act, Tensor? residual=None) -> Tensor");
 }
 
 namespace {

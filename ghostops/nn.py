@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ghostops.ops import depthwise_bn, ghost_module
+from ghostops.ops import depthwise_bn, ghost_module, pointwise_bn, squeeze_excite
 from ghostops.reference import ghost_channels
 
 
@@ -208,12 +208,18 @@ class GhostBottleneck(nn.Module):
         if self.conv_dw is not None:
             x = _conv_bn(self.conv_dw, self.bn_dw, x, fused)
         if self.se is not None:
-            x = self.se(x)
+            x = _squeeze_excite(self.se, x, fused)
         x = self.ghost2(x)
         plain_shortcut = type(self.shortcut) is nn.Sequential and not _hooked([self.shortcut])
         if fused and plain_shortcut and len(self.shortcut) == 4:
             dw, bn, pw, bn_pw = self.shortcut
-            shortcut = bn_pw(pw(_conv_bn(dw, bn, residual, fused)))
+            shortcut = _conv_bn(dw, bn, residual, fused)
+            if _pointwise_bn_fits(pw, bn_pw):  # 1x1 conv + BN + the add, one op
+                return pointwise_bn(
+                    shortcut, pw.weight, bn_pw.weight, bn_pw.bias, bn_pw.running_mean,
+                    bn_pw.running_var, eps=bn_pw.eps, residual=x,
+                )  # fmt: skip
+            shortcut = bn_pw(pw(shortcut))
         else:
             shortcut = self.shortcut(residual)
         # Out of place (the paper adds in place): a fused op may save its output for backward.
@@ -232,6 +238,55 @@ def _hooked(modules: list[nn.Module]) -> list[str]:
     """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
     pre-hook included): a fused module would silently bypass them."""
     return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
+
+
+def _pointwise_bn_fits(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether bn(conv(x)) is what ``ghostops.ops.pointwise_bn`` computes: a plain 1x1
+    ``nn.Conv2d`` without bias (stride 1, no padding, one group) and a plain affine
+    ``nn.BatchNorm2d`` in eval mode with running statistics, neither with hooks."""
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and not _hooked([conv, bn])
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and bn.affine
+        and not bn.training
+        and bn.running_mean is not None
+    )
+
+
+def _squeeze_excite(se: nn.Module, x: Tensor, fused: bool) -> Tensor:
+    """se(x); through ``ghostops.ops.squeeze_excite`` (one op in eval) when ``fused`` and ``se``
+    is this file's ``SqueezeExcite`` with its submodules as built (1x1 convs with bias, ReLU,
+    global average pool) and no hooks, which the op would bypass."""
+    if not fused or type(se) is not SqueezeExcite:
+        return se(x)
+    reduce, expand = se.conv_reduce, se.conv_expand
+    plain = (
+        type(reduce) is nn.Conv2d
+        and type(expand) is nn.Conv2d
+        and type(se.act1) is nn.ReLU
+        and type(se.avg_pool) is nn.AdaptiveAvgPool2d
+        and se.avg_pool.output_size in (1, (1, 1))
+        and not _hooked([se, reduce, expand, se.act1, se.avg_pool])
+        and all(
+            c.kernel_size == (1, 1)
+            and c.stride == (1, 1)
+            and c.padding == (0, 0)
+            and c.dilation == (1, 1)
+            and c.groups == 1
+            and c.bias is not None
+            for c in (reduce, expand)
+        )
+    )
+    if not plain:
+        return se(x)
+    return squeeze_excite(x, reduce.weight, reduce.bias, expand.weight, expand.bias)
 
 
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:

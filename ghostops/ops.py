@@ -14,7 +14,13 @@ from torch import Tensor
 
 from ghostops import _ext
 from ghostops.backends import select_backend
-from ghostops.reference import depthwise_bn_reference, ghost_channels, ghost_module_reference
+from ghostops.reference import (
+    depthwise_bn_reference,
+    ghost_channels,
+    ghost_module_reference,
+    pointwise_bn_reference,
+    squeeze_excite_reference,
+)
 
 _LIB = "ghostops"
 
@@ -78,6 +84,15 @@ def _register_fakes() -> None:
         grad_x = x.new_empty(x.shape if need_x else (0,))
         return (grad_x, torch.empty_like(weight), torch.empty_like(bn_weight),
                 torch.empty_like(bn_bias))  # fmt: skip
+
+    @torch.library.register_fake(f"{_LIB}::se_eval")
+    def _(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{_LIB}::pw_bn_eval")
+    def _(x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, act, residual=None):
+        n, _, h, w = x.shape
+        return x.new_empty((n, weight.shape[0], h, w))
 
 
 def _dw_train_setup_context(ctx, inputs, output) -> None:
@@ -322,9 +337,9 @@ def depthwise_bn(
     ``ghostops.reference.depthwise_bn_reference``: GhostNet's depthwise convs outside the Ghost
     modules. The C++ kernel (``ghostops::dw_bn_eval``) runs NCHW-contiguous float32 / float64
     CPU tensors under the ``cpu`` backend when no gradient is needed and output rows are at
-    least 8 wide; anything else runs the reference. (The kernel's vectors run along a row: on a
-    7x7 output, GhostNet's 672-channel 5x5 stride-2 conv at batch 32 took 1.9 ms against
-    stock PyTorch's 0.9.)
+    least 8 wide or the call is small (at most 64Ki outputs); anything else runs the
+    reference. (The kernel's vectors run along a row: on a 7x7 output, GhostNet's 672-channel
+    5x5 stride-2 conv at batch 32 took 1.8 ms against stock PyTorch's 1.5.)
 
     ``training=True``: batch statistics normalise, and ``bn_mean`` / ``bn_var`` (if given) are
     updated in place as ``nn.BatchNorm2d`` does with factor ``momentum``;
@@ -338,8 +353,12 @@ def depthwise_bn(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bn_weight, bn_bias)
     )
-    wide = output_size(x.shape[-1], weight.shape[-1], stride) >= 8
-    if _dw_kernel_applies(x, weight) and wide and not needs_grad:
+    k = weight.shape[-1]
+    ho, wo = output_size(x.shape[-2], k, stride), output_size(x.shape[-1], k, stride)
+    # Narrow rows waste most of the kernel's vector lanes, but on small calls stock PyTorch's
+    # fixed costs weigh more (batch 1, 672 channels 14x14 -> 7x7, 5x5: 68 us against 95).
+    small = x.shape[0] * x.shape[1] * ho * wo <= _DW_SMALL_OUTPUTS
+    if _dw_kernel_applies(x, weight) and (wo >= 8 or small) and not needs_grad:
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.dw_bn_eval(
             x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, act
@@ -347,6 +366,9 @@ def depthwise_bn(
     return depthwise_bn_reference(
         x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=stride, relu=relu, eps=eps
     )
+
+
+_DW_SMALL_OUTPUTS = 65536
 
 
 def _depthwise_bn_train(x, weight, bn_weight, bn_bias, bn_mean, bn_var, *, stride, relu, eps,
@@ -365,15 +387,68 @@ def _depthwise_bn_train(x, weight, bn_weight, bn_bias, bn_mean, bn_var, *, strid
 
 
 def _dw_kernel_applies(x: Tensor, weight: Tensor) -> bool:
-    """The dw_bn C++ kernels take NCHW-contiguous float32 / float64 CPU tensors with a non-empty
-    map and an odd kernel, under the ``cpu`` backend."""
+    """The dw_bn C++ kernels take what ``_plane_kernel_applies`` says, with an odd kernel."""
+    return _plane_kernel_applies(x) and weight.shape[-1] % 2 == 1
+
+
+def _plane_kernel_applies(x: Tensor) -> bool:
+    """The C++ kernels that work plane by plane (dw_bn, se_eval) take NCHW-contiguous
+    float32 / float64 CPU tensors with a non-empty map, under the ``cpu`` backend."""
     return (
         select_backend(x.device.type) == "cpu"
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() == 4
         and x.is_contiguous()
-        and weight.shape[-1] % 2 == 1
         and x.shape[-2] > 0
         and x.shape[-1] > 0
     )
+
+
+def squeeze_excite(
+    x: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor,
+    expand_weight: Tensor,
+    expand_bias: Tensor,
+) -> Tensor:
+    """GhostNet's squeeze-and-excitation, as ``ghostops.reference.squeeze_excite_reference``:
+    x (N, C, H, W) scaled per channel by ``relu6(W_e relu(W_r mean_hw(x) + b_r) + b_e + 3) / 6``
+    with 1x1 conv weights (R, C, 1, 1) and (C, R, 1, 1). The C++ kernel
+    (``ghostops::se_eval``) runs NCHW-contiguous float32 / float64 CPU tensors under the
+    ``cpu`` backend when no gradient is needed; anything else (training, channels_last, other
+    devices) runs the reference."""
+    args = (x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    weights_fit = all(t.dtype == x.dtype and t.device == x.device for t in args[1:])
+    if _plane_kernel_applies(x) and weights_fit and not needs_grad:
+        return torch.ops.ghostops.se_eval(*args)
+    return squeeze_excite_reference(*args)
+
+
+def pointwise_bn(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    *,
+    relu: bool = False,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Eval-mode 1x1 conv + BatchNorm (running statistics) + optional ReLU, plus ``residual``
+    if given, as ``ghostops.reference.pointwise_bn_reference``: GhostNet's shortcut 1x1 conv +
+    BN with the bottleneck's add, and its 1x1 ConvBnAct. The C++ kernel
+    (``ghostops::pw_bn_eval``) runs NCHW-contiguous float32 / float64 CPU tensors under the
+    ``cpu`` backend when no gradient is needed; anything else runs the reference."""
+    args = (x, weight, bn_weight, bn_bias, bn_mean, bn_var)
+    tensors = args if residual is None else (*args, residual)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fits = all(t.dtype == x.dtype and t.device == x.device for t in tensors[1:])
+    fits = fits and (residual is None or residual.is_contiguous())
+    if _plane_kernel_applies(x) and fits and not needs_grad:
+        act = "relu" if relu else "identity"
+        return torch.ops.ghostops.pw_bn_eval(*args, eps, act, residual)
+    return pointwise_bn_reference(*args, relu=relu, eps=eps, residual=residual)

@@ -111,3 +111,40 @@ def depthwise_bn_reference(
     y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
     y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
     return F.relu(y) if relu else y
+
+
+def squeeze_excite_reference(
+    x: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor,
+    expand_weight: Tensor,
+    expand_bias: Tensor,
+) -> Tensor:
+    """GhostNet's squeeze-and-excitation in stock PyTorch (the paper's and timm's
+    ``SqueezeExcite``): global average pool, 1x1 conv to R channels + ReLU, 1x1 conv back,
+    and x scaled by the hard-sigmoid gate ``relu6(s + 3) / 6``; the oracle of
+    ``ghostops::se_eval``."""
+    s = F.conv2d(x.mean((2, 3), keepdim=True), reduce_weight, reduce_bias)
+    s = F.conv2d(F.relu(s), expand_weight, expand_bias)
+    return x * (F.relu6(s + 3.0) / 6.0)
+
+
+def pointwise_bn_reference(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    *,
+    relu: bool = False,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Eval-mode 1x1 conv (weight (C_out, C_in, 1, 1), no bias) + BatchNorm with running
+    statistics + optional ReLU, plus ``residual`` if given (added last), in stock PyTorch: the
+    oracle of ``ghostops::pw_bn_eval``."""
+    y = F.batch_norm(F.conv2d(x, weight), bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
+    if relu:
+        y = F.relu(y)
+    return y if residual is None else y + residual

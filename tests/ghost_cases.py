@@ -95,3 +95,29 @@ def run_reference(case: Case, x, params, eps=1e-5):
 
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def ops_run(fn, *args, **kwargs) -> set[str]:
+    """Names of the ops that ``fn(*args, **kwargs)`` runs under no_grad."""
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        fn(*args, **kwargs)
+    return {event.key for event in prof.key_averages()}
+
+
+def ghostnet_pair(num_classes=10, seed=0):
+    """ghostops' GhostNet in eval mode with BatchNorm statistics far from identity, and the
+    reference network (the paper's unfused modules) with the same state dict."""
+    from ghostops.models import ghostnet
+    from ghostops.reference import ReferenceGhostModule
+
+    torch.manual_seed(seed)
+    net = ghostnet(num_classes=num_classes).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    ref = ghostnet(num_classes=num_classes, ghost_module_cls=ReferenceGhostModule).eval()
+    ref.load_state_dict(net.state_dict())
+    return net, ref

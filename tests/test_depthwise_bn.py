@@ -8,14 +8,14 @@ import copy
 
 import pytest
 import torch
-from ghost_cases import rel_err
+from ghost_cases import ghostnet_pair, ops_run, rel_err
 from torch.profiler import profile
 
 import ghostops
 from ghostops import _ext
 from ghostops.models import ghostnet
 from ghostops.ops import depthwise_bn
-from ghostops.reference import ReferenceGhostModule, depthwise_bn_reference
+from ghostops.reference import depthwise_bn_reference
 
 pytestmark = [
     pytest.mark.skipif(not _ext.cpu_available(), reason="the compiled extension is not built"),
@@ -105,9 +105,10 @@ def test_functional_falls_back_to_the_reference_where_the_kernel_does_not_apply(
     torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
 
 
-def test_functional_runs_the_kernel_on_rows_of_8_outputs_or_more():
-    for size, fused in ((14, False), (15, True)):  # 7 and 8 outputs a row at stride 2
-        x, params = make_args(2, 6, size, size, 3, torch.float32)
+def test_functional_runs_the_kernel_on_rows_of_8_outputs_or_more_or_on_small_calls():
+    # 7 and 8 outputs a row at stride 2; 2 * 700 * 7 * 7 outputs are more than 64Ki.
+    for channels, size, fused in ((700, 14, False), (700, 15, True), (6, 14, True)):
+        x, params = make_args(2, channels, size, size, 3, torch.float32)
         with torch.no_grad(), profile() as prof:
             out = depthwise_bn(x, *params, stride=2)
         ran = "ghostops::dw_bn_eval" in {e.key for e in prof.key_averages()}
@@ -115,22 +116,8 @@ def test_functional_runs_the_kernel_on_rows_of_8_outputs_or_more():
         torch.testing.assert_close(out, depthwise_bn_reference(x, *params, stride=2))
 
 
-def ops_run(net, x) -> set[str]:
-    with torch.no_grad(), profile() as prof:
-        net(x)
-    return {event.key for event in prof.key_averages()}
-
-
 def test_ghostnet_eval_uses_the_fused_depthwise_op_and_matches_the_reference_network():
-    torch.manual_seed(0)
-    net = ghostnet(num_classes=10).eval()
-    ref = ghostnet(num_classes=10, ghost_module_cls=ReferenceGhostModule).eval()
-    ref.load_state_dict(net.state_dict())
-    for m in net.modules():  # BN statistics far from identity
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    ref.load_state_dict(net.state_dict())
+    net, ref = ghostnet_pair()
     x = torch.randn(2, 3, 64, 64)
     assert "ghostops::dw_bn_eval" in ops_run(net, x)
     assert "ghostops::dw_bn_eval" not in ops_run(ref, x)

@@ -36,7 +36,7 @@ struct EvalParams {
   GhostShape s;
   const T* x;
   T* y;
-  const T* w1;  // folded primary weight (init, inp), packed by pack_weight
+  GemmWeight<T> w1;  // primary weight: packed with BN1 folded, or in place with BN1's scale
   const T* b1;  // folded primary bias (init)
   const T* w2;  // folded cheap weight (ghost channels, dw * dw)
   const T* b2;  // folded cheap bias
@@ -230,14 +230,19 @@ TaskSplit choose_split(const GhostShape& s, bool x_packed, bool y_buffered, int6
 }
 
 // The eval op's weights with both BatchNorms folded in, w' = w * gamma / sqrt(var + eps) and
-// b = beta - mean * gamma / sqrt(var + eps), in one buffer: the primary weight packed by
-// pack_weight, its bias, and the cheap weights and biases of the ghost channels (those past oup
-// are never computed). Plain loops over the arguments' strides: at batch 1, the dozen small
-// ATen ops that folded and copied them took a fifth of a small module's call.
+// b = beta - mean * gamma / sqrt(var + eps), in one buffer: the primary weight's per-row scale
+// and bias, and the cheap weights and biases of the ghost channels (those past oup are never
+// computed). The primary weight itself is read in place by the GEMM, which applies the scale
+// to its accumulators, when its rows are contiguous (the usual case); else it is packed here
+// with the scale folded in. Packing every call cost batch-1 calls 10-20 % (960->160 7x7:
+// 61-62 -> 49-52 us; 160->960 7x7 67-69 -> 59-60 us), and nothing at batch 32. Plain loops
+// over the arguments' strides: at batch 1, the dozen small ATen ops that folded and copied
+// them took a fifth of a small module's call.
 template <typename T>
 struct FoldedWeights {
   std::unique_ptr<T[]> data;  // uninitialised: every entry is written
-  const T *w1, *b1, *w2, *b2;
+  GemmWeight<T> w1;
+  const T *b1, *w2, *b2;
 };
 
 template <typename T>
@@ -248,10 +253,12 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
                               const at::Tensor& beta2, const at::Tensor& mean2,
                               const at::Tensor& var2, double eps2) {
   const int64_t taps = s.dw * s.dw;
+  const bool in_place = primary_weight.stride(1) == 1;
+  const int64_t packed_elems = in_place ? 0 : s.init * s.inp;
   FoldedWeights<T> f;
-  f.data.reset(new T[s.init * s.inp + s.init + s.init + s.ghost * taps + s.ghost]);
+  f.data.reset(new T[packed_elems + s.init + s.init + s.ghost * taps + s.ghost]);
   T* w1 = f.data.get();
-  T* b1 = w1 + s.init * s.inp;
+  T* b1 = w1 + packed_elems;
   T* scale1 = b1 + s.init;
   T* w2 = scale1 + s.init;
   T* b2 = w2 + s.ghost * taps;
@@ -268,15 +275,21 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
   };
   const Vector vg1(g1), vbeta1(beta1), vmean1(mean1), vvar1(var1);
   for (int64_t m = 0; m < s.init; ++m) fold(vg1, vbeta1, vmean1, vvar1, eps1, m, scale1[m], b1[m]);
-  // The packing is a scalar transpose: split over threads when it is large (at batch 1 it took
-  // 9 % of 160->960 7x7's call while the other thread waited).
-  const int64_t blocks = row_blocks(s.init, kMaxRows<T>);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kMaxRows<T> * std::max<int64_t>(s.inp, 1)));
   const T* pw = primary_weight.const_data_ptr<T>();
   const int64_t pw_s0 = primary_weight.stride(0), pw_s1 = primary_weight.stride(1);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    pack_weight(pw, s.init, s.inp, pw_s0, pw_s1, static_cast<const T*>(scale1), w1, begin, end);
-  });
+  if (in_place) {
+    f.w1 = GemmWeight<T>{pw, pw_s0, scale1};
+  } else {
+    f.w1 = GemmWeight<T>{w1};
+    // A scalar transpose: split over threads when it is large.
+    const int64_t blocks = row_blocks(s.init, kMaxRows<T>);
+    const int64_t grain =
+        std::max<int64_t>(1, 16384 / (kMaxRows<T> * std::max<int64_t>(s.inp, 1)));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      pack_weight(pw, s.init, s.inp, pw_s0, pw_s1, static_cast<const T*>(scale1), w1, begin,
+                  end);
+    });
+  }
   const Vector vg2(g2), vbeta2(beta2), vmean2(mean2), vvar2(var2);
   const T* cw = cheap_weight.const_data_ptr<T>();
   const int64_t cs0 = cheap_weight.stride(0), cs2 = cheap_weight.stride(2);
@@ -287,7 +300,7 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
     for (int64_t t = 0; t < taps; ++t)
       w2[j * taps + t] = cw[j * cs0 + (t / s.dw) * cs2 + (t % s.dw) * cs3] * scale;
   }
-  f.w1 = w1, f.b1 = b1, f.w2 = w2, f.b2 = b2;
+  f.b1 = b1, f.w2 = w2, f.b2 = b2;
   return f;
 }
 

@@ -342,7 +342,7 @@ void pointwise_conv(int64_t N, int64_t K, int64_t M, int64_t P, const T* b_data,
       T* c = direct ? out + n0 * M * P + p0 : buf;
       const int64_t ldc = direct ? P : cols;
       const PixelMatrix<T> b{b_data + n0 * K * P + p0, P, K * P, len, g};
-      primary_gemm<T, Act::Identity>(w_packed, zero_bias.data(), M, K, b, c, ldc,
+      primary_gemm<T, Act::Identity>({w_packed}, zero_bias.data(), M, K, b, c, ldc,
                                      buf + (direct ? 0 : M * cols));
       for (int64_t m = 0; m < M; ++m) {
         if (moments != nullptr) moments[t * M + m] = moments_of(c + m * ldc, cols);

@@ -66,25 +66,42 @@ inline void stream_fence() {
 #endif
 }
 
-// Register-blocked micro-kernel of the primary GEMM, on packed operands:
-//   c[m][j] = act(bias[m] + sum_k a[k][m] * b[k][j]),  m < MR, j < (NV - 1) * VL + last.
-// a: the weight block packed k-major (MR values per k); b: a panel of pixels packed k-major
-// (kPanel elements per k, NV vectors of them used). The last vector stores `last` (1..VL) pixels.
-template <typename T, int MR, int NV, Act A>
-inline void gemm_micro(const T* a, const T* bias, const T* b, int64_t K, T* c, int64_t ldc,
-                       int64_t last) {
+// The weight operand of the primary GEMM: packed by pack_weight (lda == 0, any BatchNorm
+// scale already folded in), or read in place, row-major with rows lda apart, each row's
+// accumulator multiplied by scale[row] (a BatchNorm folded in) before the bias. In place needs
+// no packing pass: on batch-1 maps the pass cost as much as the GEMM it prepared.
+template <typename T>
+struct GemmWeight {
+  const T* data;
+  int64_t lda = 0;
+  const T* scale = nullptr;
+};
+
+// Register-blocked micro-kernel of the primary GEMM, on a packed panel of pixels:
+//   c[m][j] = act(s[m] * sum_k a[k][m] * b[k][j] + bias[m]),  m < MR, j < (NV - 1) * VL + last,
+// s[m] = 1 for a packed weight block (a: MR values per k, k-major), scale[m] in place (a: row
+// m at a + m * lda). b: kPanel elements per k, NV vectors of them used. The last vector
+// stores `last` (1..VL) pixels.
+template <typename T, int MR, int NV, Act A, bool IN_PLACE>
+inline void gemm_micro(const T* a, int64_t lda, const T* scale, const T* bias, const T* b,
+                       int64_t K, T* c, int64_t ldc, int64_t last) {
   using Vec = Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   Vec acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = Vec(bias[m]);
-  for (int64_t k = 0; k < K; ++k, a += MR, b += kPanel<T>) {
+    for (int v = 0; v < NV; ++v) acc[m][v] = IN_PLACE ? Vec(T(0)) : Vec(bias[m]);
+  for (int64_t k = 0; k < K; ++k, a += IN_PLACE ? 1 : MR, b += kPanel<T>) {
     Vec bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + v * VL);
     for (int m = 0; m < MR; ++m) {
-      const Vec av(a[m]);
+      const Vec av(IN_PLACE ? a[m * lda] : a[m]);
       for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(av, bv[v], acc[m][v]);
     }
+  }
+  if constexpr (IN_PLACE) {
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = at::vec::fmadd(acc[m][v], Vec(scale[m]), Vec(bias[m]));
   }
   for (int m = 0; m < MR; ++m) {
     for (int v = 0; v < NV - 1; ++v) activate_vec<A>(acc[m][v]).store(c + m * ldc + v * VL);
@@ -128,17 +145,23 @@ void pack_weight(const T* w, int64_t M, int64_t K, int64_t sm, int64_t sk, const
 }
 
 template <typename T, Act A, int64_t MR = kMaxRows<T>>
-void gemm_block_dispatch(int64_t rows, bool two_vectors, const T* a, const T* bias,
-                         const T* panel, int64_t K, T* c, int64_t ldc, int64_t last) {
+void gemm_block_dispatch(int64_t rows, bool two_vectors, const GemmWeight<T>& w, int64_t m0,
+                         int64_t K, const T* bias, const T* panel, T* c, int64_t ldc,
+                         int64_t last) {
   if constexpr (MR >= 1) {
     if (rows != MR)
-      return gemm_block_dispatch<T, A, MR - 1>(rows, two_vectors, a, bias, panel, K, c, ldc,
-                                               last);
-    if (two_vectors) {
-      gemm_micro<T, MR, 2, A>(a, bias, panel, K, c, ldc, last);
-    } else {
-      gemm_micro<T, MR, 1, A>(a, bias, panel, K, c, ldc, last);
+      return gemm_block_dispatch<T, A, MR - 1>(rows, two_vectors, w, m0, K, bias, panel, c,
+                                               ldc, last);
+    if (w.lda == 0) {  // packed: block m0 starts at m0 * K
+      const T* a = w.data + m0 * K;
+      if (two_vectors) return gemm_micro<T, MR, 2, A, false>(a, 0, nullptr, bias + m0, panel,
+                                                             K, c, ldc, last);
+      return gemm_micro<T, MR, 1, A, false>(a, 0, nullptr, bias + m0, panel, K, c, ldc, last);
     }
+    const T* a = w.data + m0 * w.lda;
+    if (two_vectors) return gemm_micro<T, MR, 2, A, true>(a, w.lda, w.scale + m0, bias + m0,
+                                                          panel, K, c, ldc, last);
+    gemm_micro<T, MR, 1, A, true>(a, w.lda, w.scale + m0, bias + m0, panel, K, c, ldc, last);
   }
 }
 
@@ -181,12 +204,14 @@ void pack_panel(const PixelMatrix<T>& b, int64_t K, int64_t j, int64_t cols, T* 
 }
 
 // c (M, n) = act(w (M, K) @ b (K, n) + bias): the primary conv of one task's pixels.
-// a: the weight packed by pack_weight. Each panel of kPanel pixels is packed once into
-// `panel` (K * kPanel elements) and swept by every register block of weight rows, or only by
-// blocks [blk0, blk1) of the row_blocks(M, kMaxRows) (rows of c outside them are not written).
+// a: the weight, packed by pack_weight or in place (GemmWeight). Each panel of kPanel pixels
+// is packed once into `panel` (K * kPanel elements) and swept by every register block of
+// weight rows, or only by blocks [blk0, blk1) of the row_blocks(M, kMaxRows) (rows of c
+// outside them are not written).
 template <typename T, Act A>
-void primary_gemm(const T* a, const T* bias, int64_t M, int64_t K, const PixelMatrix<T>& b,
-                  T* c, int64_t ldc, T* panel, int64_t blk0 = 0, int64_t blk1 = -1) {
+void primary_gemm(const GemmWeight<T>& a, const T* bias, int64_t M, int64_t K,
+                  const PixelMatrix<T>& b, T* c, int64_t ldc, T* panel, int64_t blk0 = 0,
+                  int64_t blk1 = -1) {
   constexpr int64_t VL = Vectorized<T>::size(), NB = kPanel<T>;
   const int64_t blocks = row_blocks(M, kMaxRows<T>);
   if (blk1 < 0) blk1 = blocks;
@@ -198,8 +223,8 @@ void primary_gemm(const T* a, const T* bias, int64_t M, int64_t K, const PixelMa
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t m0 = row_block_start(M, blocks, blk);
       const int64_t rows = row_block_start(M, blocks, blk + 1) - m0;
-      gemm_block_dispatch<T, A>(rows, cols > VL, a + m0 * K, bias + m0, panel, K,
-                                c + m0 * ldc + j, ldc, last);
+      gemm_block_dispatch<T, A>(rows, cols > VL, a, m0, K, bias, panel, c + m0 * ldc + j, ldc,
+                                last);
     }
   }
 }

@@ -13,7 +13,8 @@ import copy
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ghostops.nn import GhostBottleneck, _make_divisible
+from ghostops.nn import GhostBottleneck, GhostModule, _hooked, _make_divisible, _pointwise_bn_fits
+from ghostops.ops import pointwise_bn
 
 __all__ = ["GHOSTNET_CFGS", "ConvBnAct", "GhostBottleneck", "GhostNet", "ghostnet"]
 
@@ -55,6 +56,22 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act1(self.bn1(self.conv(x)))
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        """The forward, as one ``ghostops.ops.pointwise_bn`` where it computes it (a 1x1
+        conv with an eval-mode BatchNorm and a plain ReLU, no hooks)."""
+        act = self.act1
+        if (
+            type(act) is not nn.ReLU
+            or _hooked([act])
+            or not _pointwise_bn_fits(self.conv, self.bn1)
+        ):
+            return self(x)
+        bn = self.bn1
+        return pointwise_bn(
+            x, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            relu=True, eps=bn.eps,
+        )  # fmt: skip
 
 
 class GhostNet(nn.Module):
@@ -119,13 +136,51 @@ class GhostNet(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.classifier = nn.Linear(self.num_features, num_classes)
 
+    def _fused(self) -> bool:
+        """Whether this network runs ghostops' ops outside its Ghost modules too: when its
+        Ghost modules are ghostops' (not in the reference network, nor after
+        ``ghostops.revert``), as ``GhostBottleneck`` decides for its depthwise convs."""
+        first = self.blocks[0] if len(self.blocks) > 1 else None
+        if not isinstance(first, nn.Sequential) or len(first) == 0:
+            return False
+        return isinstance(getattr(first[0], "ghost1", None), GhostModule)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and blocks: (N, 3, H, W) -> (N, 960 * width, H / 32, W / 32)."""
-        return self.blocks(self.act1(self.bn1(self.conv_stem(x))))
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        blocks = self.blocks
+        last = blocks[-1] if len(blocks) > 0 else None
+        plain_last = (
+            type(blocks) is nn.Sequential
+            and type(last) is nn.Sequential
+            and len(last) == 1
+            and type(last[0]) is ConvBnAct
+            and not _hooked([blocks, last, last[0]])
+        )
+        if not (plain_last and self._fused()):
+            return blocks(x)
+        for i in range(len(blocks) - 1):
+            x = blocks[i](x)
+        return last[0]._forward_fused(x)
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Pool, 1x1 head conv to 1280, ReLU, dropout (training), classifier."""
-        x = self.act2(self.conv_head(self.global_pool(x))).flatten(1)
+        pool, conv = self.global_pool, self.conv_head
+        x = pool(x)
+        plain = (
+            type(pool) is nn.AdaptiveAvgPool2d
+            and pool.output_size in (1, (1, 1))
+            and type(conv) is nn.Conv2d
+            and type(self.act2) is nn.ReLU
+            and conv.kernel_size == (1, 1)
+            and conv.groups == 1
+            and conv.padding == (0, 0)
+            and not _hooked([conv, self.act2])
+        )
+        if plain and self._fused():  # on the 1x1 pooled map the 1x1 conv is a linear layer
+            x = F.relu(F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias))
+        else:
+            x = self.act2(conv(x)).flatten(1)
         if self.dropout > 0.0:
             x = F.dropout(x, p=self.dropout, training=self.training)
         return self.classifier(x)
