@@ -63,6 +63,12 @@ TORCH_LIBRARY(ghostops, m) {
   m.def(
       "pw_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
       "Tensor bn_var, float eps, str act, Tensor? residual=None) -> Tensor");
+  // Eval-mode dense d x d conv (groups 1, d odd, padding d / 2, no bias) + BatchNorm (running
+  // statistics) + act for inputs of 1 to 8 channels: GhostNet's stem.
+  // x (N, C, H, W) -> (N, C_out, Ho, Wo), contiguous.
+  m.def(
+      "conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
+      "Tensor bn_var, float eps, int stride, str act) -> Tensor");
 }
 
 namespace {

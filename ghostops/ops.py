@@ -15,6 +15,7 @@ from torch import Tensor
 from ghostops import _ext
 from ghostops.backends import select_backend
 from ghostops.reference import (
+    conv_bn_reference,
     depthwise_bn_reference,
     ghost_channels,
     ghost_module_reference,
@@ -88,6 +89,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{_LIB}::se_eval")
     def _(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{_LIB}::conv_bn_eval")
+    def _(x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, stride, act):
+        n, _, h, w = x.shape
+        k = weight.shape[-1]
+        shape = (n, weight.shape[0], output_size(h, k, stride), output_size(w, k, stride))
+        return x.new_empty(shape)
 
     @torch.library.register_fake(f"{_LIB}::pw_bn_eval")
     def _(x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, act, residual=None):
@@ -452,3 +460,35 @@ def pointwise_bn(
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.pw_bn_eval(*args, eps, act, residual)
     return pointwise_bn_reference(*args, relu=relu, eps=eps, residual=residual)
+
+
+# Input channels ghostops::conv_bn_eval takes (its kernel keeps every input tap in registers
+# for up to 16 output channels; csrc/cpu/conv_bn.cpp).
+_CONV_MAX_INPUT_CHANNELS = 8
+
+
+def conv_bn(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    *,
+    stride: int = 1,
+    relu: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval-mode dense conv (padding d // 2, odd d, no bias) + BatchNorm (running statistics) +
+    optional ReLU, as ``ghostops.reference.conv_bn_reference``: GhostNet's stem. The C++
+    kernel (``ghostops::conv_bn_eval``) runs NCHW-contiguous float32 / float64 CPU tensors
+    with 1 to 8 input channels under the ``cpu`` backend when no gradient is needed; anything
+    else runs the reference."""
+    args = (x, weight, bn_weight, bn_bias, bn_mean, bn_var)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    fits = all(t.dtype == x.dtype and t.device == x.device for t in args[1:])
+    thin = x.dim() == 4 and 1 <= x.shape[1] <= _CONV_MAX_INPUT_CHANNELS
+    if _dw_kernel_applies(x, weight) and thin and fits and not needs_grad:
+        act = "relu" if relu else "identity"
+        return torch.ops.ghostops.conv_bn_eval(*args, eps, stride, act)
+    return conv_bn_reference(*args, stride=stride, relu=relu, eps=eps)

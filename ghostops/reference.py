@@ -148,3 +148,23 @@ def pointwise_bn_reference(
     if relu:
         y = F.relu(y)
     return y if residual is None else y + residual
+
+
+def conv_bn_reference(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    *,
+    stride: int = 1,
+    relu: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval-mode dense conv (weight (C_out, C_in, d, d), padding d // 2, no bias) + BatchNorm
+    with running statistics + optional ReLU, in stock PyTorch: the oracle of
+    ``ghostops::conv_bn_eval`` (GhostNet's stem)."""
+    y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2)
+    y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
+    return F.relu(y) if relu else y

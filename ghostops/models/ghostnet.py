@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ghostops.nn import GhostBottleneck, GhostModule, _hooked, _make_divisible, _pointwise_bn_fits
-from ghostops.ops import pointwise_bn
+from ghostops.ops import conv_bn, pointwise_bn
 
 __all__ = ["GHOSTNET_CFGS", "ConvBnAct", "GhostBottleneck", "GhostNet", "ghostnet"]
 
@@ -145,9 +145,39 @@ class GhostNet(nn.Module):
             return False
         return isinstance(getattr(first[0], "ghost1", None), GhostModule)
 
+    def _stem(self, x: Tensor, fused: bool) -> Tensor:
+        """conv_stem + bn1 + act1; one ``ghostops.ops.conv_bn`` when ``fused`` and the three
+        are the plain modules it computes (in eval mode, no hooks)."""
+        conv, bn, act = self.conv_stem, self.bn1, self.act1
+        plain = (
+            fused
+            and type(conv) is nn.Conv2d
+            and type(bn) is nn.BatchNorm2d
+            and type(act) is nn.ReLU
+            and not _hooked([conv, bn, act])
+            and conv.groups == 1
+            and conv.bias is None
+            and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.kernel_size[0] % 2 == 1
+            and conv.padding == (conv.kernel_size[0] // 2,) * 2
+            and conv.stride[0] == conv.stride[1]
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+            and bn.affine
+            and not bn.training
+            and bn.running_mean is not None
+        )
+        if not plain:
+            return act(bn(conv(x)))
+        return conv_bn(
+            x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            stride=conv.stride[0], relu=True, eps=bn.eps,
+        )  # fmt: skip
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and blocks: (N, 3, H, W) -> (N, 960 * width, H / 32, W / 32)."""
-        x = self.act1(self.bn1(self.conv_stem(x)))
+        fused = self._fused()
+        x = self._stem(x, fused)
         blocks = self.blocks
         last = blocks[-1] if len(blocks) > 0 else None
         plain_last = (
@@ -157,7 +187,7 @@ class GhostNet(nn.Module):
             and type(last[0]) is ConvBnAct
             and not _hooked([blocks, last, last[0]])
         )
-        if not (plain_last and self._fused()):
+        if not (plain_last and fused):
             return blocks(x)
         for i in range(len(blocks) - 1):
             x = blocks[i](x)
