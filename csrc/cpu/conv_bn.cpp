@@ -57,16 +57,7 @@ void conv_row(const ConvParams<T>& p, const T* xp, int64_t cs, int64_t wp, int64
         const T* row = xp + c * cs + (band_row * stride + dy) * wp + c0 * stride;
         const T* wt = w + (c * d + dy) * d;
         for (int64_t dx = 0; dx < d; ++dx) {
-          Vec v;
-          if constexpr (S == 1) {
-            v = Vec::loadu(row + dx);
-          } else if constexpr (S == 2) {
-            v = at::vec::deinterleave2(Vec::loadu(row + dx), Vec::loadu(row + dx + VL)).first;
-          } else {
-            T lanes[VL];
-            for (int64_t i = 0; i < VL; ++i) lanes[i] = row[dx + i * stride];
-            v = Vec::loadu(lanes);
-          }
+          const Vec v = strided_load<T, S>(row + dx, stride);
           for (int o = 0; o < OB; ++o)
             acc[o] = at::vec::fmadd(Vec(wt[o * taps + dx]), v, acc[o]);
         }

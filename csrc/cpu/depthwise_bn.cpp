@@ -47,19 +47,8 @@ void dw_row(const DwParams<T>& p, const T* xp, int64_t wp, int64_t c, int64_t r,
     Vec acc(p.bias[c]);
     for (int64_t dy = 0; dy < d; ++dy) {
       const T* row = xp + (r * stride + dy) * wp + c0 * stride;
-      for (int64_t dx = 0; dx < d; ++dx) {
-        Vec v;
-        if constexpr (S == 1) {
-          v = Vec::loadu(row + dx);
-        } else if constexpr (S == 2) {
-          v = at::vec::deinterleave2(Vec::loadu(row + dx), Vec::loadu(row + dx + VL)).first;
-        } else {
-          T lanes[VL];
-          for (int64_t i = 0; i < VL; ++i) lanes[i] = row[dx + i * stride];
-          v = Vec::loadu(lanes);
-        }
-        acc = at::vec::fmadd(Vec(w[dy * d + dx]), v, acc);
-      }
+      for (int64_t dx = 0; dx < d; ++dx)
+        acc = at::vec::fmadd(Vec(w[dy * d + dx]), strided_load<T, S>(row + dx, stride), acc);
     }
     activate_vec<A>(acc).store(out + c0, std::min(VL, p.Wo - c0));
   }

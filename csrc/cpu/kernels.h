@@ -353,6 +353,24 @@ void tap_correlation(const T* g, int64_t begin, int64_t end, const T* src, const
   flush();
 }
 
+// Vector of the elements p[0], p[stride], ..., p[(VL - 1) * stride] of a padded row: one load
+// (S == 1), two loads deinterleaved to their even elements (S == 2), else gathered one by one
+// (S == 0, stride at run time). The dense and depthwise convs' input taps.
+template <typename T, int S>
+inline Vectorized<T> strided_load(const T* p, int64_t stride) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  if constexpr (S == 1) {
+    return Vec::loadu(p);
+  } else if constexpr (S == 2) {
+    return at::vec::deinterleave2(Vec::loadu(p), Vec::loadu(p + VL)).first;
+  } else {
+    T lanes[VL];
+    for (int64_t i = 0; i < VL; ++i) lanes[i] = p[i * stride];
+    return Vec::loadu(lanes);
+  }
+}
+
 // Per-thread scratch, kept between calls so the hot path does not allocate.
 template <typename T>
 T* scratch(int64_t elements) {
