@@ -54,7 +54,12 @@ class GhostModule(nn.Module):
             raise ValueError(
                 f"GhostModule: expected input with {self.inp} channels (inp), got {x.shape[1]}"
             )
-        bn1, bn2 = self.primary_conv[1], self.cheap_operation[1]
+        # Submodules, parameters and buffers straight from their dicts where they are plain:
+        # at batch 1 the two dozen Sequential.__getitem__ and nn.Module.__getattr__ lookups
+        # were a third of a small module's call (GhostModule 16->16 on a 1x1 map: 19.7 -> 13
+        # us; the op itself 3.5 us).
+        conv1, bn1, *_ = self.primary_conv._modules.values()
+        conv2, bn2, *_ = self.cheap_operation._modules.values()
         if not _fusable_pair(bn1, bn2):  # the paper's forward, each BatchNorm on its own
             x1 = self.primary_conv(x)
             return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
@@ -65,16 +70,10 @@ class GhostModule(nn.Module):
         _batch_norm_step(bn2, training)
         return ghost_module(
             x,
-            self.primary_conv[0].weight,
-            bn1.weight,
-            bn1.bias,
-            bn1.running_mean if not training or bn1.track_running_stats else None,
-            bn1.running_var if not training or bn1.track_running_stats else None,
-            self.cheap_operation[0].weight,
-            bn2.weight,
-            bn2.bias,
-            bn2.running_mean if not training or bn2.track_running_stats else None,
-            bn2.running_var if not training or bn2.track_running_stats else None,
+            _tensor(conv1, "weight"),
+            *_bn_tensors(bn1, training),
+            _tensor(conv2, "weight"),
+            *_bn_tensors(bn2, training),
             oup=self.oup,
             ratio=self.ratio,
             dw_size=self.dw_size,
@@ -84,6 +83,30 @@ class GhostModule(nn.Module):
             momentum=momentum,
             eps=bn1.eps,
         )
+
+
+def _tensor(module: nn.Module, name: str) -> Tensor | None:
+    """``getattr(module, name)`` for a parameter or buffer, read from its dict when the module
+    is a plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (a parametrized one has another class; a
+    weight_norm'ed one keeps its weight outside the dicts)."""
+    if type(module) in (nn.Conv2d, nn.BatchNorm2d):
+        if name in module._parameters:
+            return module._parameters[name]
+        if name in module._buffers:
+            return module._buffers[name]
+    return getattr(module, name)
+
+
+def _bn_tensors(bn: nn.BatchNorm2d, training: bool) -> tuple:
+    """(weight, bias, running_mean, running_var) of an affine BatchNorm; the running statistics
+    None in training without tracked statistics."""
+    running = not training or bn.track_running_stats
+    return (
+        _tensor(bn, "weight"),
+        _tensor(bn, "bias"),
+        _tensor(bn, "running_mean") if running else None,
+        _tensor(bn, "running_var") if running else None,
+    )
 
 
 def _fusable_pair(bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d) -> bool:
