@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_fused, run_reference, strided_views
+from ghost_cases import (
+    Case,
+    make_args,
+    ops_run,
+    rel_err,
+    run_fused,
+    run_reference,
+    strided_views,
+)
 
 import ghostops
 from ghostops import _ext
@@ -228,6 +236,10 @@ def test_compile_ghostnet_fullgraph():
     with torch.no_grad():
         compiled = torch.compile(net, fullgraph=True)
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+    # The compiled graph calls the fused ops, those outside the Ghost modules included.
+    ran = ops_run(compiled, x)
+    for op in ("ghost_forward_eval", "dw_bn_eval", "se_eval", "pw_bn_eval", "conv_bn_eval"):
+        assert f"ghostops::{op}" in ran
 
 
 # --- backend choice -------------------------------------------------------------------------

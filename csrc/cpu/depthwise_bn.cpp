@@ -114,7 +114,9 @@ at::Tensor dw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), d = weight.size(2);
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({N, C, Ho, Wo}, x.options());
+  // Pooled, as the Ghost module's output: a fresh 19 MB output (48 channels 112x112 -> 56x56,
+  // batch 32) was faulted in and zeroed by the kernel on every call.
+  at::Tensor y = pooled_empty({N, C, Ho, Wo}, x.options(), at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dw_bn_eval_cpu", [&] {
