@@ -35,11 +35,19 @@ void pw_run(const T* x, const GemmWeight<T>& w, const T* bias, const T* residual
   // panels, at most 64 KiB of output a chunk.
   const int64_t chunk_panels =
       std::max<int64_t>(1, (64 * 1024) / (M * NB * int64_t(sizeof(T))));
-  const int64_t chunk = std::min(P, chunk_panels * NB);
-  const int64_t chunks = (P + chunk - 1) / chunk;
+  int64_t chunk = std::min(P, chunk_panels * NB);
+  int64_t chunks = (P + chunk - 1) / chunk;
   const int64_t blocks = row_blocks(M, kMaxRows<T>);
-  // Too few tasks for the threads (batch 1, small maps): split the output channels too.
   const int64_t threads = at::get_num_threads();
+  // Few tasks: as many chunks (whole panels) as make them a multiple of the threads, so that
+  // each thread gets the same share.
+  if (N * chunks < 8 * threads && P > NB) {
+    const int64_t panels = (P + NB - 1) / NB;
+    while (chunks < panels && (N * chunks) % threads != 0) ++chunks;
+    chunk = (panels + chunks - 1) / chunks * NB;
+    chunks = (P + chunk - 1) / chunk;
+  }
+  // Too few tasks for the threads (batch 1, small maps): split the output channels too.
   const int64_t channel_groups =
       N * chunks >= threads ? 1 : std::min(blocks, (threads + N * chunks - 1) / (N * chunks));
   at::parallel_for(0, N * chunks * channel_groups, 1, [&](int64_t begin, int64_t end) {
