@@ -69,6 +69,9 @@ TORCH_LIBRARY(ghostops, m) {
   m.def(
       "conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_mean, "
       "Tensor bn_var, float eps, int stride, str act) -> Tensor");
+  // Eval-mode linear layer + act: x (N, K), weight (M, K), bias (M) -> (N, M). GhostNet's head
+  // (its 1x1 conv on the pooled map, its classifier).
+  m.def("linear_eval(Tensor x, Tensor weight, Tensor? bias, str act) -> Tensor");
 }
 
 namespace {

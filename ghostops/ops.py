@@ -19,6 +19,7 @@ from ghostops.reference import (
     depthwise_bn_reference,
     ghost_channels,
     ghost_module_reference,
+    linear_reference,
     pointwise_bn_reference,
     squeeze_excite_reference,
 )
@@ -96,6 +97,10 @@ def _register_fakes() -> None:
         k = weight.shape[-1]
         shape = (n, weight.shape[0], output_size(h, k, stride), output_size(w, k, stride))
         return x.new_empty(shape)
+
+    @torch.library.register_fake(f"{_LIB}::linear_eval")
+    def _(x, weight, bias, act):
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake(f"{_LIB}::pw_bn_eval")
     def _(x, weight, bn_weight, bn_bias, bn_mean, bn_var, eps, act, residual=None):
@@ -492,3 +497,24 @@ def conv_bn(
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.conv_bn_eval(*args, eps, stride, act)
     return conv_bn_reference(*args, stride=stride, relu=relu, eps=eps)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False) -> Tensor:
+    """``F.linear`` + optional ReLU, as ``ghostops.reference.linear_reference``: GhostNet's head.
+    The C++ kernel (``ghostops::linear_eval``: matrix-vector products that stream the weight
+    once, split over the threads, for up to 4 rows of x; ATen's addmm beyond) runs 2-D
+    float32 / float64 CPU tensors under the ``cpu`` backend when no gradient is needed;
+    anything else runs the reference."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fits = (
+        x.dim() == 2
+        and weight.dim() == 2
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == x.dtype and t.device == x.device for t in tensors[1:])
+        and select_backend(x.device.type) == "cpu"
+    )
+    if fits and not needs_grad:
+        return torch.ops.ghostops.linear_eval(x, weight, bias, "relu" if relu else "identity")
+    return linear_reference(x, weight, bias, relu=relu)

@@ -168,3 +168,11 @@ def conv_bn_reference(
     y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2)
     y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, False, 0.0, eps)
     return F.relu(y) if relu else y
+
+
+def linear_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, *, relu: bool = False
+) -> Tensor:
+    """``F.linear`` + optional ReLU: the oracle of ``ghostops::linear_eval`` (GhostNet's head)."""
+    y = F.linear(x, weight, bias)
+    return F.relu(y) if relu else y

@@ -371,6 +371,34 @@ inline Vectorized<T> strided_load(const T* p, int64_t stride) {
   }
 }
 
+// Tasks [begin, end) of out[n][r] = epilogue(W[r] . v[n] + b[r]) (b may be null) for images'
+// vectors v (images, cols) contiguous, W (rows, cols) with rows ldw apart, out (images, rows).
+// Task index row * images + image: consecutive tasks reuse one weight row from L1. Four
+// accumulators: one chain of dependent FMAs would wait on the FMA latency.
+template <typename T, typename Epilogue>
+void matvec_rows(const T* w, int64_t ldw, const T* b, const T* v, int64_t images, int64_t rows,
+                 int64_t cols, T* out, int64_t begin, int64_t end, Epilogue epilogue) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r = t / images, n = t % images;
+    const T* wr = w + r * ldw;
+    const T* vn = v + n * cols;
+    Vec acc[4] = {Vec(T(0)), Vec(T(0)), Vec(T(0)), Vec(T(0))};
+    int64_t i = 0;
+    for (; i + 4 * VL <= cols; i += 4 * VL)
+      for (int u = 0; u < 4; ++u)
+        acc[u] = at::vec::fmadd(Vec::loadu(wr + i + u * VL), Vec::loadu(vn + i + u * VL), acc[u]);
+    for (; i < cols; i += VL) {
+      const int64_t count = std::min(VL, cols - i);
+      acc[0] = at::vec::fmadd(Vec::loadu(wr + i, count), Vec::loadu(vn + i, count), acc[0]);
+    }
+    const Vec sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    const T dot = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, sum);
+    out[n * rows + r] = epilogue(b != nullptr ? dot + b[r] : dot);
+  }
+}
+
 // Per-thread scratch, kept between calls so the hot path does not allocate.
 template <typename T>
 T* scratch(int64_t elements) {

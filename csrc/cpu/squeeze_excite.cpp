@@ -35,26 +35,6 @@ T sum_of(const T* p, int64_t n) {
   return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
 }
 
-// Rows [begin, end) of out = W v + b for images' vectors laid out (images, cols), W (rows, cols)
-// contiguous; a task index is image * rows + row.
-template <typename T, typename Epilogue>
-void matvec_rows(const T* w, const T* b, const T* v, int64_t rows, int64_t cols, T* out,
-                 int64_t begin, int64_t end, Epilogue epilogue) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t VL = Vec::size();
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t n = t / rows, r = t % rows;
-    const T* wr = w + r * cols;
-    const T* vn = v + n * cols;
-    Vec acc(T(0));
-    for (int64_t i = 0; i < cols; i += VL) {
-      const int64_t count = std::min(VL, cols - i);
-      acc = at::vec::fmadd(Vec::loadu(wr + i, count), Vec::loadu(vn + i, count), acc);
-    }
-    out[t] = epilogue(at::vec::vec_reduce_all<T>([](Vec a, Vec c) { return a + c; }, acc) + b[r]);
-  }
-}
-
 // Tasks of `work_per_task` multiply-adds each: a grain of about 16K of them, so that the small
 // products of batch 1 stay on one thread instead of paying a thread wake-up.
 int64_t grain_for(int64_t work_per_task) {
@@ -112,12 +92,14 @@ at::Tensor se_eval_cpu(const at::Tensor& x, const at::Tensor& reduce_weight,
     at::parallel_for(0, N * C, grain_for(P), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) mean[t] = sum_of(xp + t * P, P) * inv_p;
     });
+    const T *rwp = rw.const_data_ptr<T>(), *rbp = rb.const_data_ptr<T>();
+    const T *ewp = ew.const_data_ptr<T>(), *ebp = eb.const_data_ptr<T>();
     at::parallel_for(0, N * R, grain_for(C), [&](int64_t begin, int64_t end) {
-      matvec_rows(rw.const_data_ptr<T>(), rb.const_data_ptr<T>(), mean, R, C, red, begin, end,
+      matvec_rows(rwp, C, rbp, mean, N, R, C, red, begin, end,
                   [](T v) { return v > T(0) ? v : T(0); });
     });
     at::parallel_for(0, N * C, grain_for(R), [&](int64_t begin, int64_t end) {
-      matvec_rows(ew.const_data_ptr<T>(), eb.const_data_ptr<T>(), red, C, R, gate, begin, end,
+      matvec_rows(ewp, R, ebp, red, N, C, R, gate, begin, end,
                   [](T v) { return std::min(std::max(v + T(3), T(0)), T(6)) / T(6); });
     });
     at::parallel_for(0, N * C, grain_for(P), [&](int64_t begin, int64_t end) {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ghostops.nn import GhostBottleneck, GhostModule, _hooked, _make_divisible, _pointwise_bn_fits
-from ghostops.ops import conv_bn, pointwise_bn
+from ghostops.ops import conv_bn, linear, pointwise_bn
 
 __all__ = ["GHOSTNET_CFGS", "ConvBnAct", "GhostBottleneck", "GhostNet", "ghostnet"]
 
@@ -207,13 +207,17 @@ class GhostNet(nn.Module):
             and conv.padding == (0, 0)
             and not _hooked([conv, self.act2])
         )
-        if plain and self._fused():  # on the 1x1 pooled map the 1x1 conv is a linear layer
-            x = F.relu(F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias))
+        fused = self._fused()
+        if plain and fused:  # on the 1x1 pooled map the 1x1 conv is a linear layer
+            x = linear(x.flatten(1), conv.weight.flatten(1), conv.bias, relu=True)
         else:
             x = self.act2(conv(x)).flatten(1)
         if self.dropout > 0.0:
             x = F.dropout(x, p=self.dropout, training=self.training)
-        return self.classifier(x)
+        classifier = self.classifier
+        if fused and type(classifier) is nn.Linear and not _hooked([classifier]):
+            return linear(x, classifier.weight, classifier.bias)
+        return classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
