@@ -1,5 +1,6 @@
-"""The other ways to run the reference GhostNet fast, timed beside ghostops by fused_vs_ref.py:
-``torch.compile`` (Inductor) and ONNX Runtime on an ONNX export. Each returns a callable
+"""The other ways to run GhostNet fast, timed beside eager ghostops by fused_vs_ref.py:
+``torch.compile`` (Inductor), AOTInductor on a ``torch.export`` (both for the reference and for
+ghostops' network), and ONNX Runtime on an ONNX export of the reference. Each returns a callable
 ``x -> y`` or raises ``Unavailable`` with the reason (ONNX Runtime and the exporter's onnx
 package are optional dependencies: ``pip install onnxruntime onnx``), so the benchmark can
 report a skip instead of failing.
@@ -74,4 +75,31 @@ def onnxruntime_runner(
         (y,) = session.run(None, {"x": x.detach().numpy()})
         return torch.from_numpy(y)
 
+    return run, time.perf_counter() - start
+
+
+def aot_inductor(model: nn.Module, example: torch.Tensor) -> tuple[Callable, float]:
+    """``torch.export`` of the model for ``example``'s shape, compiled ahead of time by
+    AOTInductor into a package (generated C++ and its wrapper: no Python and no guards at run
+    time) and loaded; returns the runner and the seconds export, compile and load took. Custom
+    ops (ghostops') are called through the dispatcher from the compiled code."""
+    import tempfile
+
+    start = time.perf_counter()
+    directory = tempfile.TemporaryDirectory(prefix="ghostops-aoti-")
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (example,))
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=f"{directory.name}/model.pt2"
+            )
+            runner = torch._inductor.aoti_load_package(path)
+    except Exception as e:  # an exporter or compiler this torch lacks, an unsupported op
+        directory.cleanup()
+        raise Unavailable(f"torch.export / AOTInductor failed: {e}") from e
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return runner(x)
+
+    run.package_directory = directory  # removed with the runner
     return run, time.perf_counter() - start

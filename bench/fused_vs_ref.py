@@ -424,15 +424,19 @@ COMPETITORS = (
      lambda m, x, h: competitors.onnxruntime_runner(m, x, h.threads)),
     ("compile_ghostops", "torch.compile(ghostops)", "fused",
      lambda m, x, h: competitors.compiled(m, x)),
+    ("aoti_ref", "AOTInductor(ref)", "ref", lambda m, x, h: competitors.aot_inductor(m, x)),
+    ("aoti_ghostops", "AOTInductor(ghostops)", "fused",
+     lambda m, x, h: competitors.aot_inductor(m, x)),
 )  # fmt: skip
 
 
 def bench_competitors(
     h: Harness, ref: nn.Module, fused: nn.Module, x: torch.Tensor, y_ref: torch.Tensor, what: str
 ) -> dict:
-    """``torch.compile`` of the reference and of ghostops, and ONNX Runtime on an export of the
-    reference, each checked against the eager reference and timed on ``x``. A way that cannot
-    run here (onnxruntime not installed, a GPU) is reported with the reason, not timed."""
+    """``torch.compile`` and AOTInductor of the reference and of ghostops, and ONNX Runtime on an
+    export of the reference, each checked against the eager reference and timed on ``x``. A
+    way that cannot run here (onnxruntime not installed, a GPU) is reported with the reason,
+    not timed."""
     out = {}
     for key, label, which, make in COMPETITORS:
         try:
@@ -705,8 +709,8 @@ def render(result: dict) -> str:
 
 def render_model(rows: list[dict]) -> list[str]:
     """Whole-model inference: eager reference and ghostops, and where they ran, the other
-    ways (torch.compile, ONNX Runtime). "best vs best": the fastest way to run the reference
-    network over the fastest way to run ghostops's (eager or compiled)."""
+    ways (torch.compile, ONNX Runtime, AOTInductor). "best vs best": the fastest way to run the
+    reference network over the fastest way to run ghostops's (eager or compiled)."""
     labels = {k: o["label"] for r in rows for k, o in r.get("others", {}).items()}
     head = "| model | batch | input | eager ref ms | ghostops ms | "
     lines = ["", head + "".join(f"{v} ms | " for v in labels.values())]
@@ -823,7 +827,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-compare",
         action="store_true",
-        help="whole model: skip torch.compile and ONNX Runtime (always skipped with --quick)",
+        help="whole model: skip torch.compile, AOTInductor and ONNX Runtime (always skipped "
+        "with --quick)",
     )
     p.add_argument(
         "--model-batch",

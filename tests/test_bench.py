@@ -139,15 +139,21 @@ def _module_pair(bench):
 
 
 def test_competitors_run_checked_and_timed(bench):
-    """torch.compile of both networks and ONNX Runtime (where installed) on a small module:
-    each is checked against the eager reference, then timed."""
+    """torch.compile and AOTInductor of both networks and ONNX Runtime (where installed) on a
+    small module: each is checked against the eager reference, then timed."""
     h = bench.make_harness(bench.parse_args(["--min-run-time", "0.001"]), 0.001)
     ref, fused = _module_pair(bench)
     x = torch.randn(2, 16, 9, 11)
     with torch.no_grad():
         others = bench.bench_competitors(h, ref, fused, x, ref(x), "test")
-    assert list(others) == ["compile_ref", "onnxruntime", "compile_ghostops"]
-    assert [o["runs"] for o in others.values()] == ["ref", "ref", "fused"]
+    assert list(others) == [
+        "compile_ref",
+        "onnxruntime",
+        "compile_ghostops",
+        "aoti_ref",
+        "aoti_ghostops",
+    ]
+    assert [o["runs"] for o in others.values()] == ["ref", "ref", "fused", "ref", "fused"]
     onnx_here = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
     for key, o in others.items():
         if key == "onnxruntime" and not onnx_here:
@@ -166,6 +172,16 @@ def test_a_failed_onnx_export_is_reported_not_raised(bench, monkeypatch):
     ref, _ = _module_pair(bench)
     with pytest.raises(bench.competitors.Unavailable, match="export failed: no exporter here"):
         bench.competitors.onnxruntime_runner(ref, torch.randn(1, 16, 5, 5), 1)
+
+
+def test_a_failed_aot_compile_is_reported_not_raised(bench, monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(torch.export, "export", broken_export)
+    ref, _ = _module_pair(bench)
+    with pytest.raises(bench.competitors.Unavailable, match="AOTInductor failed: no exporter"):
+        bench.competitors.aot_inductor(ref, torch.randn(1, 16, 5, 5))
 
 
 def test_wrong_competitor_fails_loudly(bench, monkeypatch):
