@@ -238,8 +238,24 @@ def test_compile_ghostnet_fullgraph():
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
     # The compiled graph calls the fused ops, those outside the Ghost modules included.
     ran = ops_run(compiled, x)
-    for op in ("ghost_forward_eval", "dw_bn_eval", "se_eval", "pw_bn_eval", "conv_bn_eval"):
+    for op in ("ghost_forward_eval", "dw_bn_eval", "se_eval", "pw_bn_eval", "conv_bn_eval",
+               "linear_eval"):  # fmt: skip
         assert f"ghostops::{op}" in ran
+
+
+def test_export_ghostnet():
+    """torch.export (the front end of AOTInductor, see bench/competitors.py) keeps every fused
+    op in the exported graph, and the exported program computes the network's output."""
+    torch.manual_seed(0)
+    net = ghostops.models.ghostnet(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(net, (x,))
+        torch.testing.assert_close(program.module()(x), net(x), rtol=1e-4, atol=1e-4)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    for op in ("ghost_forward_eval", "dw_bn_eval", "se_eval", "pw_bn_eval", "conv_bn_eval",
+               "linear_eval"):  # fmt: skip
+        assert f"ghostops.{op}.default" in targets
 
 
 # --- backend choice -------------------------------------------------------------------------
