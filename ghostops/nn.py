@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ghostops.ops import depthwise_bn, ghost_module, pointwise_bn, squeeze_excite
+from ghostops.ops import (
+    depthwise_bn,
+    ghost_module,
+    ghost_module_eval_cpu,
+    pointwise_bn,
+    squeeze_excite,
+)
 from ghostops.reference import ghost_channels
 
 
@@ -60,6 +66,14 @@ class GhostModule(nn.Module):
         # us; the op itself 3.5 us).
         conv1, bn1, *_ = self.primary_conv._modules.values()
         conv2, bn2, *_ = self.cheap_operation._modules.values()
+        if not (bn1.training or bn2.training or torch.is_grad_enabled()):
+            params = _plain_eval_params(conv1, bn1, conv2, bn2)
+            if params is not None:
+                y = ghost_module_eval_cpu(
+                    x, params, oup=self.oup, stride=self.stride, relu=self.relu, eps=bn1.eps
+                )
+                if y is not None:
+                    return y
         if not _fusable_pair(bn1, bn2):  # the paper's forward, each BatchNorm on its own
             x1 = self.primary_conv(x)
             return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
@@ -83,6 +97,45 @@ class GhostModule(nn.Module):
             momentum=momentum,
             eps=bn1.eps,
         )
+
+
+def _plain_eval_params(conv1, bn1, conv2, bn2) -> tuple | None:
+    """The ten tensors of ``ghost_module`` (see ``ghostops.ops.ghost_module_eval_cpu``) read
+    straight from the dicts of plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules, both
+    BatchNorms affine, in eval mode with running statistics and one eps; None otherwise (a
+    parametrized or weight_norm'ed conv keeps its weight elsewhere)."""
+    if not (
+        type(conv1) is nn.Conv2d
+        and type(conv2) is nn.Conv2d
+        and type(bn1) is nn.BatchNorm2d
+        and type(bn2) is nn.BatchNorm2d
+        and bn1.eps == bn2.eps
+    ):
+        return None
+    params = (
+        conv1._parameters.get("weight"),
+        bn1._parameters.get("weight"),
+        bn1._parameters.get("bias"),
+        bn1._buffers.get("running_mean"),
+        bn1._buffers.get("running_var"),
+        conv2._parameters.get("weight"),
+        bn2._parameters.get("weight"),
+        bn2._parameters.get("bias"),
+        bn2._buffers.get("running_mean"),
+        bn2._buffers.get("running_var"),
+    )
+    return None if any(t is None for t in params) else params
+
+
+def _conv_bn_tensors(conv: nn.Module, bn: nn.Module) -> tuple:
+    """(conv weight, BN weight, bias, running mean, running var), through ``_tensor``."""
+    return (
+        _tensor(conv, "weight"),
+        _tensor(bn, "weight"),
+        _tensor(bn, "bias"),
+        _tensor(bn, "running_mean"),
+        _tensor(bn, "running_var"),
+    )
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor | None:
@@ -222,29 +275,34 @@ class GhostBottleneck(nn.Module):
                 nn.BatchNorm2d(out_chs),
             )
 
+    _PARTS = ("ghost1", "conv_dw", "se", "shortcut")
+
     def forward(self, x: Tensor) -> Tensor:
         # With ghostops Ghost modules (not after ghostops.revert, nor in the reference network),
         # the depthwise convs + BN run ghostops' fused eval op where it applies.
-        fused = isinstance(self.ghost1, GhostModule)
+        # Submodules from their dict (None where absent): at batch 1 a bottleneck's Python is
+        # as long as its kernels, and nn.Module.__getattr__ was a tenth of it.
+        mods = self._modules
+        ghost1, conv_dw, se, shortcut_seq = (mods.get(k) for k in self._PARTS)
+        fused = isinstance(ghost1, GhostModule)
         residual = x
-        x = self.ghost1(x)
-        if self.conv_dw is not None:
-            x = _conv_bn(self.conv_dw, self.bn_dw, x, fused)
-        if self.se is not None:
-            x = _squeeze_excite(self.se, x, fused)
-        x = self.ghost2(x)
-        plain_shortcut = type(self.shortcut) is nn.Sequential and not _hooked([self.shortcut])
-        if fused and plain_shortcut and len(self.shortcut) == 4:
-            dw, bn, pw, bn_pw = self.shortcut
+        x = ghost1(x)
+        if conv_dw is not None:
+            x = _conv_bn(conv_dw, mods["bn_dw"], x, fused)
+        if se is not None:
+            x = _squeeze_excite(se, x, fused)
+        x = mods["ghost2"](x)
+        plain_shortcut = type(shortcut_seq) is nn.Sequential and not _hooked([shortcut_seq])
+        if fused and plain_shortcut and len(shortcut_seq) == 4:
+            dw, bn, pw, bn_pw = shortcut_seq._modules.values()
             shortcut = _conv_bn(dw, bn, residual, fused)
             if _pointwise_bn_fits(pw, bn_pw):  # 1x1 conv + BN + the add, one op
                 return pointwise_bn(
-                    shortcut, pw.weight, bn_pw.weight, bn_pw.bias, bn_pw.running_mean,
-                    bn_pw.running_var, eps=bn_pw.eps, residual=x,
-                )  # fmt: skip
+                    shortcut, *_conv_bn_tensors(pw, bn_pw), eps=bn_pw.eps, residual=x
+                )
             shortcut = bn_pw(pw(shortcut))
         else:
-            shortcut = self.shortcut(residual)
+            shortcut = shortcut_seq(residual)
         # In place, as the paper adds, only without autograd: a fused training op may save its
         # output for backward. (Out of place, the add allocated a fresh 51 MB output for the
         # first bottleneck at batch 32: 4.9 ms of ghostops' 67 ms inference.)
@@ -253,18 +311,14 @@ class GhostBottleneck(nn.Module):
         return x + shortcut
 
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
 def _hooked(modules: list[nn.Module]) -> list[str]:
     """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
     pre-hook included): a fused module would silently bypass them."""
-    return [type(m).__name__ for m in modules if any(getattr(m, d, None) for d in _HOOK_DICTS)]
+    return [
+        type(m).__name__
+        for m in modules
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    ]
 
 
 def _pointwise_bn_fits(conv: nn.Module, bn: nn.Module) -> bool:
@@ -280,10 +334,10 @@ def _pointwise_bn_fits(conv: nn.Module, bn: nn.Module) -> bool:
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.bias is None
+        and conv._parameters.get("bias") is None
         and bn.affine
         and not bn.training
-        and bn.running_mean is not None
+        and bn._buffers.get("running_mean") is not None
     )
 
 
@@ -293,27 +347,32 @@ def _squeeze_excite(se: nn.Module, x: Tensor, fused: bool) -> Tensor:
     global average pool) and no hooks, which the op would bypass."""
     if not fused or type(se) is not SqueezeExcite:
         return se(x)
-    reduce, expand = se.conv_reduce, se.conv_expand
+    mods = se._modules
+    reduce, expand, act, pool = (mods.get(k) for k in _SE_PARTS)
     plain = (
         type(reduce) is nn.Conv2d
         and type(expand) is nn.Conv2d
-        and type(se.act1) is nn.ReLU
-        and type(se.avg_pool) is nn.AdaptiveAvgPool2d
-        and se.avg_pool.output_size in (1, (1, 1))
-        and not _hooked([se, reduce, expand, se.act1, se.avg_pool])
+        and type(act) is nn.ReLU
+        and type(pool) is nn.AdaptiveAvgPool2d
+        and pool.output_size in (1, (1, 1))
+        and not _hooked([se, reduce, expand, act, pool])
         and all(
             c.kernel_size == (1, 1)
             and c.stride == (1, 1)
             and c.padding == (0, 0)
             and c.dilation == (1, 1)
             and c.groups == 1
-            and c.bias is not None
+            and c._parameters.get("bias") is not None
             for c in (reduce, expand)
         )
     )
     if not plain:
         return se(x)
-    return squeeze_excite(x, reduce.weight, reduce.bias, expand.weight, expand.bias)
+    tensors = (_tensor(c, n) for c in (reduce, expand) for n in ("weight", "bias"))
+    return squeeze_excite(x, *tensors)
+
+
+_SE_PARTS = ("conv_reduce", "conv_expand", "act1", "avg_pool")
 
 
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
@@ -328,7 +387,7 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
         and type(bn) is nn.BatchNorm2d
         and not _hooked([conv, bn])
         and bn.affine
-        and conv.bias is None
+        and conv._parameters.get("bias") is None
         and conv.groups == conv.in_channels == conv.out_channels
         and conv.kernel_size[0] == conv.kernel_size[1]
         and conv.padding == (conv.kernel_size[0] // 2,) * 2
@@ -338,14 +397,13 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor, fused: bool) -> Tensor:
     )
     if not fits:
         return bn(conv(x))
-    args = (x, conv.weight, bn.weight, bn.bias)
-    if not bn.training and bn.running_mean is not None:
-        return depthwise_bn(
-            *args, bn.running_mean, bn.running_var, stride=conv.stride[0], eps=bn.eps
-        )
+    weight, bn_weight, bn_bias, mean, var = _conv_bn_tensors(conv, bn)
+    args = (x, weight, bn_weight, bn_bias)
+    if not bn.training and mean is not None:
+        return depthwise_bn(*args, mean, var, stride=conv.stride[0], eps=bn.eps)
     momentum, _ = _batch_norm_step(bn, bn.training)  # nn.BatchNorm2d's bookkeeping
-    update = bn.training and bn.running_mean is not None
+    update = bn.training and mean is not None
     return depthwise_bn(
-        *args, bn.running_mean if update else None, bn.running_var if update else None,
+        *args, mean if update else None, var if update else None,
         stride=conv.stride[0], eps=bn.eps, training=True, momentum=momentum,
     )  # fmt: skip

@@ -212,6 +212,29 @@ def test_module_eval_uses_fused_kernel_and_matches():
     assert any("ghostops::ghost_forward_eval" in e.name for e in prof.function_events)
 
 
+def test_module_eval_fast_path_leaves_what_it_cannot_run_to_the_full_path():
+    """GhostModule's inference path (``ghost_module_eval_cpu``: plain submodules, one eps, the
+    kernel's checks) hands back every other case, each still exact or a clear error."""
+    x = torch.randn(2, 8, 6, 7)
+    ref, ours = _module_pair(8, 12)
+    ours.cheap_operation[1].eps = ref.cheap_operation[1].eps = 0.25  # two eps: paper's forward
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert "ghostops::ghost_forward_eval" not in ops_run(ours, x)
+
+    ref, ours = _module_pair(8, 12)
+    for m in (ref, ours):  # old-style weight_norm: the weight lives outside _parameters
+        torch.nn.utils.weight_norm(m.primary_conv[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    with ghostops.use_backend("reference"):
+        assert "ghostops::ghost_forward_eval" not in ops_run(ours, x)
+    assert "ghostops::ghost_forward_eval" in ops_run(ours, x)
+    with torch.no_grad(), pytest.raises(TypeError, match="dtype"):
+        ours(x.double())
+
+
 def test_module_with_grad_enabled_stays_differentiable():
     ref, ours = _module_pair(6, 8)
     x = torch.randn(2, 6, 5, 5, requires_grad=True)
