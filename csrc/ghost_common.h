@@ -28,7 +28,7 @@ inline Act parse_act(const std::string& name) {
 template <Act A, typename T>
 GHOST_HOST_DEVICE T activate(T v) {
   if constexpr (A == Act::ReLU) {
-    return v > T(0) ? v : T(0);
+    return v <= T(0) ? T(0) : v;  // NaN stays NaN, as in F.relu and at::vec::maximum
   } else {
     return v;
   }

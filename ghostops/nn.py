@@ -64,17 +64,23 @@ class GhostModule(nn.Module):
         # at batch 1 the two dozen Sequential.__getitem__ and nn.Module.__getattr__ lookups
         # were a third of a small module's call (GhostModule 16->16 on a 1x1 map: 19.7 -> 13
         # us; the op itself 3.5 us).
-        conv1, bn1, *_ = self.primary_conv._modules.values()
-        conv2, bn2, *_ = self.cheap_operation._modules.values()
+        primary, cheap = self.primary_conv, self.cheap_operation
+        parts = (*primary._modules.values(), *cheap._modules.values())
+        conv1, bn1, _, conv2, bn2, _ = parts
         if not (bn1.training or bn2.training or torch.is_grad_enabled()):
             params = _plain_eval_params(conv1, bn1, conv2, bn2)
-            if params is not None:
+            if params is not None and not _hooked([primary, cheap, *parts]):
                 y = ghost_module_eval_cpu(
-                    x, params, oup=self.oup, stride=self.stride, relu=self.relu, eps=bn1.eps
-                )
+                    x, params, oup=self.oup, ratio=self.ratio, dw_size=self.dw_size,
+                    stride=self.stride, relu=self.relu, eps=bn1.eps,
+                )  # fmt: skip
                 if y is not None:
                     return y
-        if not _fusable_pair(bn1, bn2):  # the paper's forward, each BatchNorm on its own
+        # The paper's forward, each submodule on its own, where one fused op would not be the
+        # same: BatchNorms it cannot share, hooks it would bypass, a conv bias it has no place
+        # for.
+        biased = _tensor(conv1, "bias") is not None or _tensor(conv2, "bias") is not None
+        if not _fusable_pair(bn1, bn2) or biased or _hooked([primary, cheap, *parts]):
             x1 = self.primary_conv(x)
             return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
         # Each BatchNorm follows its own train flag, as in the paper's module: frozen
@@ -306,19 +312,38 @@ class GhostBottleneck(nn.Module):
         # In place, as the paper adds, only without autograd: a fused training op may save its
         # output for backward. (Out of place, the add allocated a fresh 51 MB output for the
         # first bottleneck at batch 32: 4.9 ms of ghostops' 67 ms inference.)
-        if not torch.is_grad_enabled():
+        # Only on ghost2's output from a fused GhostModule without hooks: a fresh tensor that
+        # nothing else holds (a hook, or another module's output, might be kept elsewhere).
+        fresh = type(mods["ghost2"]) is GhostModule and not _hooked([mods["ghost2"]])
+        if fresh and not torch.is_grad_enabled():
             return x.add_(shortcut)
         return x + shortcut
 
 
 def _hooked(modules: list[nn.Module]) -> list[str]:
     """Class names of the modules that carry forward / backward hooks (weight_norm's old-style
-    pre-hook included): a fused module would silently bypass them."""
+    pre-hook included), all of them while global module hooks are registered
+    (``torch.nn.modules.module.register_module_forward_hook`` and the like): a fused module
+    would silently bypass them."""
+    if any(_GLOBAL_HOOKS):
+        return [type(m).__name__ for m in modules]
     return [
         type(m).__name__
         for m in modules
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
     ]
+
+
+# nn.Module's registries of global hooks (dicts that registration fills in place).
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
 
 
 def _pointwise_bn_fits(conv: nn.Module, bn: nn.Module) -> bool:

@@ -294,28 +294,43 @@ def ghost_module(
 
 
 def ghost_module_eval_cpu(
-    x: Tensor, params: tuple, *, oup: int, stride: int, relu: bool, eps: float
+    x: Tensor,
+    params: tuple,
+    *,
+    oup: int,
+    ratio: int,
+    dw_size: int,
+    stride: int,
+    relu: bool,
+    eps: float,
 ) -> Tensor | None:
     """``ghost_module`` in eval mode without autograd, straight to the C++ CPU kernel, leaving
     the argument checks to the kernel (which makes them all): the per-call path of
     ``ghostops.GhostModule`` in inference. ``params``: ``ghost_module``'s ten tensors
     (primary weight, BN1 weight, bias, running mean, var, cheap weight, BN2 the same), one
     ``eps`` for both BatchNorms. None where ``ghost_module`` must decide: another backend,
-    device or dtype, a primary kernel other than 1x1, or autograd on.
+    device or dtype, a primary kernel other than 1x1, weights of other shapes than ``oup``,
+    ``ratio`` and ``dw_size`` give, a non-4-D input, or autograd on.
 
     At batch 1 the Python around a Ghost module's kernel cost more than the kernel: the
     argument checks and backend choice of ``ghost_module`` were half of GhostModule's 49 us on
     a 16->16 2x2 map (the op alone: 13 us)."""
     pw, cheap = params[0], params[5]
     dtype = x.dtype
+    init = -(-oup // ratio)
     if (
         torch.is_grad_enabled()
         or dtype not in _CPU_DTYPES
         or pw.dtype != dtype
         or cheap.dtype != dtype
         or x.device.type != "cpu"
+        or x.dim() != 4
         or pw.dim() != 4
+        or pw.shape[0] != init
         or pw.shape[-1] != 1
+        or cheap.dim() != 4
+        or cheap.shape[0] != init * (ratio - 1)
+        or cheap.shape[-1] != dw_size
         or select_backend("cpu") != "cpu"
     ):
         return None
@@ -496,7 +511,14 @@ def pointwise_bn(
     tensors = args if residual is None else (*args, residual)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fits = all(t.dtype == x.dtype and t.device == x.device for t in tensors[1:])
-    fits = fits and (residual is None or residual.is_contiguous())
+    one_by_one = weight.dim() == 4 and weight.shape[-2:] == (1, 1)
+    # The kernel adds a residual of the output's own shape; the reference also broadcasts.
+    out_shape = (x.shape[0], weight.shape[0], *x.shape[2:]) if x.dim() == 4 else None
+    fits = (
+        fits
+        and one_by_one
+        and (residual is None or (residual.is_contiguous() and residual.shape == out_shape))
+    )
     if _plane_kernel_applies(x) and fits and not needs_grad:
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.pw_bn_eval(*args, eps, act, residual)
@@ -529,6 +551,7 @@ def conv_bn(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
     fits = all(t.dtype == x.dtype and t.device == x.device for t in args[1:])
     thin = x.dim() == 4 and 1 <= x.shape[1] <= _CONV_MAX_INPUT_CHANNELS
+    thin = thin and weight.dim() == 4 and weight.shape[-1] == weight.shape[-2]  # square kernel
     if _dw_kernel_applies(x, weight) and thin and fits and not needs_grad:
         act = "relu" if relu else "identity"
         return torch.ops.ghostops.conv_bn_eval(*args, eps, stride, act)

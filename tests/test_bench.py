@@ -159,6 +159,7 @@ def test_competitors_run_checked_and_timed(bench):
         if key == "onnxruntime" and not onnx_here:
             assert o["ms"] is None and "not installed" in o["skipped"]
             continue
+        assert o["ms"] is not None, f"{o['label']} did not run: {o.get('skipped')}"
         assert o["ms"] > 0 and o["setup_s"] > 0 and o["rel_err"] < 1e-5
 
 

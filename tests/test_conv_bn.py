@@ -101,6 +101,8 @@ def test_functional_falls_back_to_the_reference_where_the_kernel_does_not_apply(
     torch.testing.assert_close(with_grad, want)
     with ghostops.use_backend("reference"):
         assert "ghostops::conv_bn_eval" not in ops_run(conv_bn, x, *params, stride=2)
+    oblong = (params[0][..., :1, :], *params[1:])  # a 1x3 kernel: the reference's
+    assert "ghostops::conv_bn_eval" not in ops_run(conv_bn, x, *oblong, stride=2)
 
 
 def test_ghostnet_eval_runs_its_stem_as_one_op_and_matches_the_reference_network():

@@ -89,6 +89,16 @@ def test_functional_falls_back_to_the_reference_where_the_kernel_does_not_apply(
         assert "ghostops::linear_eval" not in ops_run(linear, x, weight, bias)
 
 
+@pytest.mark.parametrize("rows", [2, 7])  # the matrix-vector kernel, and addmm
+def test_nan_stays_nan_through_relu_as_in_f_relu(rows):
+    x, weight, bias = make_args(rows, 40, 24, torch.float32)
+    x[0, 3] = float("nan")
+    out = torch.ops.ghostops.linear_eval(x, weight, bias, "relu")
+    want = linear_reference(x, weight, bias, relu=True)
+    assert out[0].isnan().all() and want[0].isnan().all()
+    torch.testing.assert_close(out[1:], want[1:])
+
+
 def test_ghostnet_head_runs_the_op_and_matches_the_reference_network():
     net, ref = ghostnet_pair()
     x = torch.randn(1, 3, 64, 64)

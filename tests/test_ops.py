@@ -223,16 +223,48 @@ def test_module_eval_fast_path_leaves_what_it_cannot_run_to_the_full_path():
     assert "ghostops::ghost_forward_eval" not in ops_run(ours, x)
 
     ref, ours = _module_pair(8, 12)
-    for m in (ref, ours):  # old-style weight_norm: the weight lives outside _parameters
+    for m in (ref, ours):  # old-style weight_norm: a pre-hook recomputes the weight per call
         torch.nn.utils.weight_norm(m.primary_conv[0])
+        with torch.no_grad():
+            m.primary_conv[0].weight_g.mul_(1.5)  # so a stale weight would show
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    ref, ours = _module_pair(8, 12)  # hooks on a submodule fire: it runs
+    seen = []
+    ours.cheap_operation[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert seen == [(2, 6, 6, 7)]
+
+    ref, ours = _module_pair(8, 12)  # as do global module hooks
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    try:
+        with torch.no_grad():
+            ours(x)
+    finally:
+        handle.remove()
+    assert "Conv2d" in seen and "BatchNorm2d" in seen
 
     with ghostops.use_backend("reference"):
         assert "ghostops::ghost_forward_eval" not in ops_run(ours, x)
     assert "ghostops::ghost_forward_eval" in ops_run(ours, x)
     with torch.no_grad(), pytest.raises(TypeError, match="dtype"):
         ours(x.double())
+
+
+@pytest.mark.parametrize("init", [1, 6])
+def test_expanded_primary_weight(init):
+    """Rows of stride 0 are packed, not read in place (lda 0 would read as a packed weight)."""
+    case = Case(12, 2 * init, 5, 7)
+    x, params = make_args(case, torch.float64)
+    pw = torch.randn(1, 12, 1, 1, dtype=torch.float64).expand(init, 12, 1, 1)
+    params = (pw, *params[1:])
+    out = run_fused(case, x, params)
+    assert rel_err(out, run_reference(case, x, params)) < 1e-12
 
 
 def test_module_with_grad_enabled_stays_differentiable():

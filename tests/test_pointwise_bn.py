@@ -112,6 +112,24 @@ def test_functional_falls_back_to_the_reference_where_the_kernel_does_not_apply(
     torch.testing.assert_close(with_grad, want)
     with ghostops.use_backend("reference"):
         assert "ghostops::pw_bn_eval" not in ops_run(pointwise_bn, x, *params)
+    # A residual that broadcasts, and a kernel that is not 1x1: the reference computes them.
+    small = residual[:1, :, :1]
+    assert "ghostops::pw_bn_eval" not in ops_run(pointwise_bn, x, *params, residual=small)
+    want = pointwise_bn_reference(x, *params, residual=small)
+    torch.testing.assert_close(pointwise_bn(x, *params, residual=small), want)
+    wide = (torch.randn(10, 12, 3, 3), *params[1:])
+    assert "ghostops::pw_bn_eval" not in ops_run(pointwise_bn, x, *wide)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_expanded_weight_rows(m):
+    """Rows of stride 0 (an expanded weight) cannot be read in place as rows lda apart: lda 0
+    means a packed weight. The kernel packs them, BatchNorm scale included."""
+    x, (_, *bn), residual = make_args(2, 12, m, 5, 7)
+    weight = torch.randn(1, 12, 1, 1, dtype=x.dtype).expand(m, 12, 1, 1)
+    out = torch.ops.ghostops.pw_bn_eval(x, weight, *bn, 1e-5, "relu", residual)
+    want = pointwise_bn_reference(x, weight, *bn, relu=True, residual=residual)
+    assert rel_err(out, want) < 1e-12
 
 
 def randomize_batchnorm(net):
@@ -153,3 +171,17 @@ def test_bottleneck_with_a_training_or_hooked_shortcut_runs_its_modules():
     assert seen == [(2, 24, 10, 10)]
     with torch.no_grad():
         torch.testing.assert_close(block(x), want)
+
+
+def test_bottleneck_adds_in_place_only_to_an_output_nothing_else_holds():
+    """Without autograd the residual add goes into ghost2's output, unless a hook on ghost2 may
+    have kept that tensor (or ghost2 is not ghostops' module, whose output is always fresh)."""
+    torch.manual_seed(0)
+    block = randomize_batchnorm(GhostBottleneck(16, 48, 16, 3, stride=1)).eval()
+    x = torch.randn(2, 16, 6, 6)
+    kept = []
+    block.ghost2.register_forward_hook(lambda m, i, o: kept.append(o))
+    with torch.no_grad():
+        y = block(x)
+        torch.testing.assert_close(y, kept[0] + x)  # the hook's tensor is ghost2's output
+    assert y is not kept[0]

@@ -261,7 +261,9 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
                               const at::Tensor& beta2, const at::Tensor& mean2,
                               const at::Tensor& var2, double eps2) {
   const int64_t taps = s.dw * s.dw;
-  const bool in_place = primary_weight.stride(1) == 1;
+  const int64_t lda =
+      in_place_lda(s.init, s.inp, primary_weight.stride(0), primary_weight.stride(1));
+  const bool in_place = lda > 0;
   const int64_t packed_elems = in_place ? 0 : s.init * s.inp;
   FoldedWeights<T> f;
   f.data.reset(new T[packed_elems + s.init + s.init + s.ghost * taps + s.ghost]);
@@ -286,7 +288,7 @@ FoldedWeights<T> fold_weights(const GhostShape& s, const at::Tensor& primary_wei
   const T* pw = primary_weight.const_data_ptr<T>();
   const int64_t pw_s0 = primary_weight.stride(0), pw_s1 = primary_weight.stride(1);
   if (in_place) {
-    f.w1 = GemmWeight<T>{pw, pw_s0, scale1};
+    f.w1 = GemmWeight<T>{pw, lda, scale1};
   } else {
     f.w1 = GemmWeight<T>{w1};
     // A scalar transpose: split over threads when it is large.

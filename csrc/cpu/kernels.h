@@ -77,6 +77,16 @@ struct GemmWeight {
   const T* scale = nullptr;
 };
 
+// The row stride (GemmWeight::lda) with which an (M, K) weight, element (m, k) at
+// m * s0 + k * s1, is read in place, or 0 where it must be packed: k not contiguous, or rows
+// of stride 0 (an expanded weight: lda 0 would read as "packed"). One row's stride is never
+// used, so it reads as K.
+inline int64_t in_place_lda(int64_t M, int64_t K, int64_t s0, int64_t s1) {
+  if (s1 != 1) return 0;
+  if (M == 1) return std::max<int64_t>(K, 1);
+  return std::max<int64_t>(s0, 0);
+}
+
 // Register-blocked micro-kernel of the primary GEMM, on a packed panel of pixels:
 //   c[m][j] = act(s[m] * sum_k a[k][m] * b[k][j] + bias[m]),  m < MR, j < (NV - 1) * VL + last,
 // s[m] = 1 for a packed weight block (a: MR values per k, k-major), scale[m] in place (a: row

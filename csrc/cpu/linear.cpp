@@ -55,7 +55,7 @@ at::Tensor linear_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
                     y.mutable_data_ptr<T>(), begin, end, epilogue);
       };
       if (activation == Act::ReLU) {
-        run([](T v) { return v > T(0) ? v : T(0); });
+        run([](T v) { return activate<Act::ReLU>(v); });
       } else {
         run([](T v) { return v; });
       }

@@ -113,7 +113,8 @@ at::Tensor pw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pw_bn_eval_cpu", [&] {
     using T = scalar_t;
-    const bool in_place = weight.stride(1) == 1;
+    const int64_t lda = in_place_lda(M, K, weight.stride(0), weight.stride(1));
+    const bool in_place = lda > 0;
     std::unique_ptr<T[]> folded(new T[2 * M + (in_place ? 0 : M * K)]);
     T* bias = folded.get();
     T* scale = bias + M;
@@ -126,7 +127,7 @@ at::Tensor pw_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
                     g.const_data_ptr<T>()[m], b.const_data_ptr<T>()[m], eps);
     GemmWeight<T> gw{w};
     if (in_place) {
-      gw = GemmWeight<T>{weight.const_data_ptr<T>(), weight.stride(0), scale};
+      gw = GemmWeight<T>{weight.const_data_ptr<T>(), lda, scale};
     } else {
       pack_weight(weight.const_data_ptr<T>(), M, K, weight.stride(0), weight.stride(1),
                   static_cast<const T*>(scale), w);

@@ -96,7 +96,7 @@ at::Tensor se_eval_cpu(const at::Tensor& x, const at::Tensor& reduce_weight,
     const T *ewp = ew.const_data_ptr<T>(), *ebp = eb.const_data_ptr<T>();
     at::parallel_for(0, N * R, grain_for(C), [&](int64_t begin, int64_t end) {
       matvec_rows(rwp, C, rbp, mean, N, R, C, red, begin, end,
-                  [](T v) { return v > T(0) ? v : T(0); });
+                  [](T v) { return activate<Act::ReLU>(v); });
     });
     at::parallel_for(0, N * C, grain_for(R), [&](int64_t begin, int64_t end) {
       matvec_rows(ewp, R, ebp, red, N, C, R, gate, begin, end,
