@@ -68,9 +68,10 @@ class GhostModule(nn.Module):
         primary, cheap = self.primary_conv, self.cheap_operation
         parts = (*primary._modules.values(), *cheap._modules.values())
         conv1, bn1, _, conv2, bn2, _ = parts
-        if not (bn1.training or bn2.training or torch.is_grad_enabled()):
+        hooked = _hooked([primary, cheap, *parts])
+        if not (bn1.training or bn2.training or hooked or torch.is_grad_enabled()):
             params = _plain_eval_params(conv1, bn1, conv2, bn2)
-            if params is not None and not _hooked([primary, cheap, *parts]):
+            if params is not None:
                 y = ghost_module_eval_cpu(
                     x, params, oup=self.oup, ratio=self.ratio, dw_size=self.dw_size,
                     stride=self.stride, relu=self.relu, eps=bn1.eps,
@@ -81,7 +82,7 @@ class GhostModule(nn.Module):
         # same: BatchNorms it cannot share, hooks it would bypass, a conv bias it has no place
         # for.
         biased = _tensor(conv1, "bias") is not None or _tensor(conv2, "bias") is not None
-        if not _fusable_pair(bn1, bn2) or biased or _hooked([primary, cheap, *parts]):
+        if not _fusable_pair(bn1, bn2) or biased or hooked:
             x1 = self.primary_conv(x)
             return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
         # Each BatchNorm follows its own train flag, as in the paper's module: frozen
@@ -107,30 +108,19 @@ class GhostModule(nn.Module):
 
 
 def _plain_eval_params(conv1, bn1, conv2, bn2) -> tuple | None:
-    """The ten tensors of ``ghost_module`` (see ``ghostops.ops.ghost_module_eval_cpu``) read
-    straight from the dicts of plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules, both
-    BatchNorms affine, in eval mode with running statistics and one eps; None otherwise (a
-    parametrized or weight_norm'ed conv keeps its weight elsewhere)."""
-    if not (
+    """The ten tensors of ``ghost_module`` (see ``ghostops.ops.ghost_module_eval_cpu``) from
+    plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules with one eps and running statistics;
+    None otherwise."""
+    plain = (
         type(conv1) is nn.Conv2d
         and type(conv2) is nn.Conv2d
         and type(bn1) is nn.BatchNorm2d
         and type(bn2) is nn.BatchNorm2d
         and bn1.eps == bn2.eps
-    ):
-        return None
-    params = (
-        conv1._parameters.get("weight"),
-        bn1._parameters.get("weight"),
-        bn1._parameters.get("bias"),
-        bn1._buffers.get("running_mean"),
-        bn1._buffers.get("running_var"),
-        conv2._parameters.get("weight"),
-        bn2._parameters.get("weight"),
-        bn2._parameters.get("bias"),
-        bn2._buffers.get("running_mean"),
-        bn2._buffers.get("running_var"),
     )
+    if not plain:
+        return None
+    params = (*_conv_bn_tensors(conv1, bn1), *_conv_bn_tensors(conv2, bn2))
     return None if any(t is None for t in params) else params
 
 
@@ -298,7 +288,8 @@ class GhostBottleneck(nn.Module):
             x = _conv_bn(conv_dw, mods["bn_dw"], x, fused)
         if se is not None:
             x = _squeeze_excite(se, x, fused)
-        x = mods["ghost2"](x)
+        ghost2 = mods["ghost2"]
+        x = ghost2(x)
         plain_shortcut = type(shortcut_seq) is nn.Sequential and not _hooked([shortcut_seq])
         if fused and plain_shortcut and len(shortcut_seq) == 4:
             dw, bn, pw, bn_pw = shortcut_seq._modules.values()
@@ -315,7 +306,7 @@ class GhostBottleneck(nn.Module):
         # first bottleneck at batch 32: 4.9 ms of ghostops' 67 ms inference.)
         # Only on ghost2's output from a fused GhostModule without hooks: a fresh tensor that
         # nothing else holds (a hook, or another module's output, might be kept elsewhere).
-        fresh = type(mods["ghost2"]) is GhostModule and not _hooked([mods["ghost2"]])
+        fresh = type(ghost2) is GhostModule and not _hooked([ghost2])
         if fresh and not torch.is_grad_enabled():
             return x.add_(shortcut)
         return x + shortcut

@@ -66,6 +66,20 @@ def test_non_contiguous_input():
     )
 
 
+def test_nan_pixel_spreads_through_the_gate_as_in_the_reference():
+    """A NaN pixel makes its channel's mean NaN, then every reduced value (ReLU keeps NaN, as
+    F.relu does), then every gate of that image: the whole image comes out NaN."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 5, 5, generator=g)
+    x[0, 2, 1, 1] = float("nan")
+    weights = (torch.randn(4, 8, 1, 1, generator=g), torch.randn(4, generator=g),
+               torch.randn(8, 4, 1, 1, generator=g), torch.randn(8, generator=g))  # fmt: skip
+    out = torch.ops.ghostops.se_eval(x, *weights)
+    want = squeeze_excite_reference(x, *weights)
+    assert out[0].isnan().all() and want[0].isnan().all()
+    torch.testing.assert_close(out[1], want[1])
+
+
 def test_opcheck():
     x, params = make_args(2, 12, 4, 5, 7, torch.float32)
     torch.library.opcheck(torch.ops.ghostops.se_eval, (x, *params))
