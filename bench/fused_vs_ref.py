@@ -326,9 +326,15 @@ def module_flops(shape: ModuleShape, batch: int, dw_size: int = 3) -> int:
 
 
 def bench_module(
-    h: Harness, shape: ModuleShape, batch: int, copy_gbps: float, peak_gflops: float
+    h: Harness,
+    shape: ModuleShape,
+    batch: int,
+    copy_gbps: float,
+    peak_gflops: float,
+    variants_on: bool = False,
 ) -> dict:
-    """Time one Ghost module shape, reference vs fused, same weights; return a result row."""
+    """Time one Ghost module shape, reference vs fused, same weights; return a result row (with
+    ``module_variants``'s timings under "variants" when ``variants_on``)."""
     args = (shape.in_channels, shape.out_channels)
     kwargs = {"kernel_size": 1, "ratio": 2, "dw_size": 3, "stride": 1, "relu": shape.relu}
     ref = randomize_batchnorm(ReferenceGhostModule(*args, **kwargs))
@@ -341,6 +347,7 @@ def bench_module(
     check_close(y, y_ref, h.tolerance, f"module {shape.label}, batch {batch}")
     t_ref = h.time(lambda: ref(x))
     t_fused = h.time(lambda: fused(x))
+    variants = module_variants(h, shape, ref, fused, x, y_ref) if variants_on else None
 
     element_size = x.element_size()
     nbytes = (x.numel() + y.numel()) * element_size + state_bytes(fused, element_size)
@@ -366,7 +373,58 @@ def bench_module(
         "roofline_fraction": roofline_ms / t_fused.median_ms,
         "max_abs_err": (y.double() - y_ref.double()).abs().max().item(),
         "rel_err": relative_error(y, y_ref),
+        **({} if variants is None else {"variants": variants}),
     }
+
+
+def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
+    """(label, backend, environment) of each way ghostops runs a GPU module here: the Triton
+    backend in each of its eval forms (``GHOSTOPS_TRITON_EVAL``) and the CUDA C++ backend, those
+    available. None on the CPU, where the fused time is the ``cpu`` backend's."""
+    if device.type != "cuda":
+        return []
+    available = ghostops.available_backends()
+    runs = []
+    if "triton" in available:
+        runs += [(f"triton {f}", "triton", {"GHOSTOPS_TRITON_EVAL": f})
+                 for f in ("one_pass", "two_kernels")]  # fmt: skip
+    if "cuda" in available:
+        runs.append(("cuda", "cuda", {}))
+    return runs
+
+
+def module_variants(
+    h: Harness, shape: ModuleShape, ref: nn.Module, fused: nn.Module, x, y_ref
+) -> dict[str, float]:
+    """Other ways to compute the shape, timed like the fused module, in ms (each output checked
+    against the reference's first): ``dense``, the 1x1 Conv-BN-ReLU with the same in / out
+    channels that a Ghost module replaces; ``compile(ref)``, ``torch.compile`` of the reference
+    module; and on a GPU ghostops under each backend and eval form (``gpu_backend_runs``)."""
+    dense = nn.Sequential(
+        nn.Conv2d(shape.in_channels, shape.out_channels, 1, bias=False),
+        nn.BatchNorm2d(shape.out_channels),
+        nn.ReLU(inplace=True),
+    )
+    dense = h.prepare(randomize_batchnorm(dense))
+    dense(x)
+    out = {"dense": h.time(lambda: dense(x)).median_ms}
+    compiled, _ = competitors.compiled(ref, x)
+    check_close(compiled(x), y_ref, h.tolerance, f"compile(ref) {shape.label}")
+    out["compile(ref)"] = h.time(lambda: compiled(x)).median_ms
+    for label, backend, env in gpu_backend_runs(h.device):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with ghostops.use_backend(backend):
+                check_close(fused(x), y_ref, h.tolerance, f"{label} {shape.label}")
+                out[label] = h.time(lambda: fused(x)).median_ms
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return out
 
 
 def count_modules(model: nn.Module, cls: type) -> int:
@@ -699,6 +757,7 @@ def render(result: dict) -> str:
             f"{100 * r['roofline_fraction']:.0f} % |"
         )
     lines += render_summary(result["summary"])
+    lines += render_variants(result["modules"])
     if result["model"]:
         lines += render_model(result["model"])
     elif result["model_skipped"]:
@@ -732,6 +791,30 @@ def render_model(rows: list[dict]) -> list[str]:
     skipped = {o["label"]: o["skipped"] for r in rows for o in r.get("others", {}).values()
                if o["ms"] is None}  # fmt: skip
     lines += [f"\n{label} skipped: {why}." for label, why in skipped.items()]
+    return lines
+
+
+def render_variants(rows: list[dict]) -> list[str]:
+    """Per module, ghostops' time beside the other ways to compute it (``module_variants``)."""
+    rows = [r for r in rows if "variants" in r]
+    if not rows:
+        return []
+    labels = list(dict.fromkeys(k for r in rows for k in r["variants"]))
+    lines = [
+        "",
+        "Module variants, ms (dense: the 1x1 Conv-BN-ReLU of the same channels, which a Ghost "
+        "module replaces; fused vs dense > 1 means the Ghost module is the faster):",
+        "",
+        "| batch | module | fused | " + " | ".join(labels) + " | fused vs dense |",
+        "|---:|---|---:|" + "---:|" * len(labels) + "---:|",
+    ]
+    for r in rows:
+        v = r["variants"]
+        cells = " | ".join(fmt_ms(v[k]) if k in v else "-" for k in labels)
+        lines.append(
+            f"| {r['batch']} | {ModuleShape.from_row(r).label} | {fmt_ms(r['fused_ms'])} | "
+            f"{cells} | {v['dense'] / r['fused_ms']:.2f}x |"
+        )
     return lines
 
 
@@ -840,6 +923,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--resolution", type=int, default=224, help="whole-model input size (default 224)"
     )
     p.add_argument("--copy-mib", type=int, default=256, help="size of the bandwidth-measuring copy")
+    p.add_argument(
+        "--module-variants",
+        action="store_true",
+        help="per module also time the dense 1x1 Conv-BN-ReLU, torch.compile(ref) (one compile "
+        "per shape and batch: minutes) and, on a GPU, each backend and Triton eval form",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training timings")
     p.add_argument(
         "--train-batch", type=int, nargs="+", help="module training batch sizes (default 32)"
@@ -912,6 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sgemm = sgemm_gflops(h)
     peak, peak_method = peak_gflops(h, sgemm)
     compare = preset["compare"] and not args.no_compare
+    variants_on = args.module_variants
     progress(
         f"{device_slug(h.device)}, {h.threads} threads, backend {backend!r}, "
         f"copy bandwidth {copy_gbps:.1f} GB/s, peak {peak:.0f} GFLOP/s, sgemm {sgemm:.0f}; "
@@ -922,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         cases = [(b, s) for b in batches for s in shapes]
         for i, (batch, shape) in enumerate(cases, 1):
-            row = bench_module(h, shape, batch, copy_gbps, peak)
+            row = bench_module(h, shape, batch, copy_gbps, peak, variants_on)
             rows.append(row)
             progress(
                 f"[{i:>2}/{len(cases)}] batch {batch:>3} {shape.label:<22} "

@@ -281,7 +281,9 @@ class GhostBottleneck(nn.Module):
         # as long as its kernels, and nn.Module.__getattr__ was a tenth of it.
         mods = self._modules
         ghost1, conv_dw, se, shortcut_seq = (mods.get(k) for k in self._PARTS)
-        fused = isinstance(ghost1, GhostModule)
+        # Under torch.autocast the submodules run as nn modules do there (GhostModule casts to
+        # autocast's dtype itself); the fused ops outside it take one dtype for all tensors.
+        fused = isinstance(ghost1, GhostModule) and not torch.is_autocast_enabled(x.device.type)
         residual = x
         x = ghost1(x)
         if conv_dw is not None:

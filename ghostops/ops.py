@@ -216,6 +216,21 @@ def _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride) ->
             raise TypeError(f"ghost_module: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
 
 
+def autocast_convs(x: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+    """(x, *weights), cast to ``torch.autocast``'s dtype where it is on for x's device, as
+    F.conv2d casts its input and weight there (float64 and non-floating tensors are left as
+    they are, as autocast leaves them); unchanged otherwise. BatchNorm parameters are not
+    passed here: nn.BatchNorm2d keeps them in float32 under autocast, and so do the kernels."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (x, *weights)
+    )
+
+
 def ghost_module(
     x: Tensor,
     primary_weight: Tensor,
@@ -241,8 +256,11 @@ def ghost_module(
     """Ghost module forward (DESIGN.md section 1), fused where a kernel covers the call.
 
     Same arguments and semantics as ``ghostops.reference.ghost_module_reference``:
-    x (N, inp, H, W) -> (N, oup, Ho, Wo), in x's memory format.
+    x (N, inp, H, W) -> (N, oup, Ho, Wo), in x's memory format. Under ``torch.autocast`` the
+    two convs run in its dtype, as nn.Conv2d does there: x and the conv weights are cast
+    (autograd flows back to the float32 weights), the BatchNorm parameters are not.
     """
+    x, primary_weight, cheap_weight = autocast_convs(x, primary_weight, cheap_weight)
     _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride)
     backend = select_backend(x.device.type)
     params = (primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var,
@@ -320,6 +338,7 @@ def ghost_module_eval_cpu(
     init = -(-oup // ratio)
     if (
         torch.is_grad_enabled()
+        or torch.is_autocast_enabled("cpu")
         or dtype not in _CPU_DTYPES
         or pw.dtype != dtype
         or cheap.dtype != dtype

@@ -45,6 +45,20 @@ def test_spread_keeps_first_and_last(bench):
     assert bench.spread(items, 50) == items
 
 
+def test_module_variants(bench, tmp_path, capsys):
+    """--module-variants: the dense 1x1 Conv-BN-ReLU and torch.compile(ref) beside the fused
+    module (on the CPU no other backend), in the JSON and the markdown table."""
+    out = tmp_path / "cpu.json"
+    args = [*FAST, "--shapes", "1", "--no-model", "--no-train", "--module-variants"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["modules"]
+    assert set(row["variants"]) == {"dense", "compile(ref)"}
+    assert all(ms > 0 for ms in row["variants"].values())
+    table = capsys.readouterr().out
+    assert "| batch | module | fused | dense | compile(ref) | fused vs dense |" in table
+    assert bench.gpu_backend_runs(torch.device("cpu")) == []
+
+
 def test_quick_run_writes_results(bench, tmp_path, capsys):
     out = tmp_path / "cpu.json"
     assert bench.main([*FAST, "--shapes", "2", "--no-model", "--out", str(out)]) == 0

@@ -192,6 +192,35 @@ def test_train_mode_gradients_match_reference_network():
         torch.testing.assert_close(our_params[name].grad, p.grad, msg=name)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_autocast_matches_reference_network(train):
+    """Under torch.autocast (bfloat16 on the CPU) the network runs as the reference network does
+    there: the Ghost modules cast x and their conv weights to bfloat16 (the CPU kernels then
+    hand bfloat16 to the reference), the fused float32-only ops outside them step aside. Before,
+    a GhostModule fed a bfloat16 activation raised a dtype mismatch against its float32 weights."""
+    ref, ours = _pair(width=0.5, seed=6)
+    ref.train(train)
+    ours.train(train)
+    x = _input(seed=7)
+    outs = []
+    for model in (ref, ours):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+            outs.append(model(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1], outs[0])
+    if train:
+        for out in outs:
+            out.float().logsumexp(1).sum().backward()
+        our_params = dict(ours.named_parameters())
+        for name, p in ref.named_parameters():
+            assert our_params[name].grad.dtype == torch.float32
+            torch.testing.assert_close(our_params[name].grad, p.grad, msg=name)
+        ref_state, our_state = ref.state_dict(), ours.state_dict()
+        for key, value in ref_state.items():
+            torch.testing.assert_close(our_state[key], value, msg=key)
+
+
 def test_dropout_only_in_training():
     _, model = _pair(width=0.5)
     x = _input(n=1)

@@ -31,7 +31,9 @@ CASES = [
     Case(6, 10, 9, 11, channels_last=True),
     Case(7, 9, 15, 17, stride=2, strided_input=True),
     Case(10, 20, 12, 12, batch=0),  # empty batch
+    Case(8, 200, 5, 6, ratio=3),  # 134 ghost rows: three row blocks, two per intrinsic channel
 ]
+FORMS = ("one_pass", "two_kernels")  # the eval kernels' two forms (triton_kernels.eval_plan)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,9 +44,11 @@ def registered():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-def test_eval_matches_reference(case, dtype):
+@pytest.mark.parametrize("form", FORMS)
+def test_eval_matches_reference(case, dtype, form, monkeypatch):
     if dtype == torch.float16 and DEVICE == "cpu" and case.batch == 0:
         pytest.skip("nothing to compute")
+    monkeypatch.setenv("GHOSTOPS_TRITON_EVAL", form)
     x, params = make_args(case, torch.float32)
     x, params = x.to(DEVICE, dtype), [t.to(DEVICE, dtype) for t in params]
     if case.channels_last:
@@ -57,6 +61,71 @@ def test_eval_matches_reference(case, dtype):
     if y.numel():
         # float32 through tl.dot may use TF32 on a GPU (DESIGN.md section 5: about 3e-4).
         assert rel_err(y.cpu(), ref) < (1e-2 if dtype == torch.float16 else 1e-3)
+
+
+def test_eval_bfloat16_matches_reference():
+    case = Case(6, 10, 9, 11)
+    x, params = make_args(case)
+    x, params = x.to(DEVICE, torch.bfloat16), [t.to(DEVICE, torch.bfloat16) for t in params]
+    y = run_fused(case, x, params, op=torch.ops.ghostops.ghost_forward_eval_triton)
+    ref = run_reference(case, x.cpu().double(), [t.cpu().double() for t in params])
+    assert y.dtype == torch.bfloat16 and rel_err(y.cpu(), ref) < 2e-2
+
+
+def test_eval_plan_takes_one_pass_for_thin_primaries():
+    """The heuristic's choices on GhostNet's shapes in float16, and the env override."""
+    from ghostops.backends.triton_kernels import eval_plan
+
+    def form(inp, oup):
+        init = -(-oup // 2)
+        return eval_plan(inp, init, oup, init, 3, 2)["form"]
+
+    assert [form(16, 16), form(16, 48), form(24, 72), form(72, 24)] == ["one_pass"] * 4
+    assert [form(240, 80), form(80, 480), form(960, 160)] == ["two_kernels"] * 3
+    plan = eval_plan(960, 80, 160, 80, 3, 2)
+    assert (plan["BLOCK_M"], plan["BLOCK_K"]) == (64, 64)
+    assert eval_plan(6, 5, 10, 5, 3, 4)["BLOCK_M"] == 16
+
+
+def test_eval_form_override_is_checked(monkeypatch):
+    from ghostops.backends.triton_kernels import eval_plan
+
+    monkeypatch.setenv("GHOSTOPS_TRITON_EVAL", "two_kernels")
+    assert eval_plan(16, 8, 16, 8, 3, 2)["form"] == "two_kernels"
+    monkeypatch.setenv("GHOSTOPS_TRITON_EVAL", "fast")
+    with pytest.raises(ValueError, match="GHOSTOPS_TRITON_EVAL='fast': expected one of"):
+        eval_plan(16, 8, 16, 8, 3, 2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_module_under_autocast(train, monkeypatch):
+    """torch.autocast to bfloat16 with float32 weights: the module runs its convs in bfloat16
+    on the Triton kernels, as the paper's module runs under autocast (same dtype, close)."""
+    from ghostops.reference import ReferenceGhostModule
+
+    eval_op, calls = torch.ops.ghostops.ghost_forward_eval_triton, []
+    monkeypatch.setattr(torch.ops.ghostops, "ghost_forward_eval_triton",
+                        lambda *a: calls.append(a[0].dtype) or eval_op(*a))  # fmt: skip
+    torch.manual_seed(0)
+    m = ghostops.GhostModule(6, 10).to(DEVICE).train(train)
+    ref = ReferenceGhostModule(6, 10).to(DEVICE).train(train)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 6, 5, 7, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        with ghostops.use_backend("triton"):
+            y = m(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert rel_err(y.float(), y_ref.double()) < 2e-2
+    if train:
+        assert "ghost_forward_train_triton" in y.grad_fn.name()
+        (g,) = torch.autograd.grad(y.float().square().sum(), [m.primary_conv[0].weight])
+        (g_ref,) = torch.autograd.grad(y_ref.float().square().sum(), [ref.primary_conv[0].weight])
+        assert g.dtype == torch.float32 and rel_err(g, g_ref.double()) < 5e-2
+        torch.testing.assert_close(m.primary_conv[1].running_var, ref.primary_conv[1].running_var,
+                                   rtol=1e-2, atol=1e-3)  # fmt: skip
+    else:
+        assert calls == [torch.bfloat16]  # the kernel ran, on the cast input
 
 
 def test_module_uses_triton_backend_when_forced():

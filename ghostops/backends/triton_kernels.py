@@ -1,18 +1,38 @@
 """Triton kernels of the Ghost module: eval forward (DESIGN.md section 2).
 
-First version, two kernels: ``_primary_kernel`` computes the primary 1x1 conv as a tiled GEMM
-(``tl.dot``, float32 accumulation) with the folded BN1 and the activation in its epilogue and
-writes the intrinsic channels into ``y[:, :init]``; ``_cheap_kernel`` reads them back (from L2 on
-a GPU) for the depthwise cheap op with the folded BN2 and the activation, into ``y[:, init:oup]``.
-Both work on any strides (NCHW, channels_last, views), so the output follows the input's memory
-format. The one-pass form, with the intrinsic tile and its halo kept on chip, is the next step.
+Two forms, chosen per shape by ``eval_plan`` (a documented heuristic, below):
+
+- **one pass** (``_one_pass_kernel``): a program owns a tile of output pixels and a block of
+  ghost channels. For each tap of the cheap op it recomputes the intrinsic channels at the
+  pixels that tap reads (a ``tl.dot`` GEMM over x, BN1 and the activation in registers, zero
+  outside the map) and accumulates them into the ghost channels; the centre tap's intrinsic
+  values are stored into ``y[:, :init]``, the ghost channels into ``y[:, init:oup]``. Nothing is
+  read back, and no program reads another's output: x is read (from L1 / L2 after the first
+  tap), y written, once. The price is d*d times the primary GEMM's flops, so it is taken where
+  the primary conv is thin (few input channels: GhostNet's 112x112 and 56x56 modules, bound by
+  memory traffic, where the saved read of x1 is a quarter to a third of the bytes).
+- **two kernels**: ``_primary_kernel`` (the GEMM, BN1 + act in its epilogue, into
+  ``y[:, :init]``), then ``_cheap_kernel`` (the depthwise op reading those channels back, BN2 +
+  act, into ``y[:, init:oup]``): for wide primary convs (14x14 and 7x7 maps), where d*d GEMMs
+  would cost more than the re-read.
+
+The GEMMs take x and the primary weight in x's dtype (float16 / bfloat16 tensor cores, float32
+accumulation; float32 may run as TF32 on a GPU, as cuDNN's convolutions do by default), with
+BN1 applied as a float32 scale and shift in the epilogue rather than folded into the weight, so
+a half-precision weight is never rounded again. The cheap op folds BN2 into float32 weights.
+All kernels take any strides (NCHW, channels_last, views): the output follows the input's
+memory format.
 
 Registered as ``ghostops::ghost_forward_eval_triton`` with ``torch.library.triton_op`` and
 ``wrap_triton``, so ``torch.compile`` sees one op. On CPU tensors it runs under
-``TRITON_INTERPRET=1`` (how the tests check it without a GPU).
+``TRITON_INTERPRET=1`` (how the tests check it without a GPU). ``GHOSTOPS_TRITON_EVAL`` =
+``one_pass`` / ``two_kernels`` forces a form (``auto``, the default: the heuristic), so a GPU
+session can time both.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,15 +41,26 @@ from torch.library import triton_op, wrap_triton
 
 from ghostops.ops import output_size
 
+_FORM_ENV = "GHOSTOPS_TRITON_EVAL"
+_FORMS = ("auto", "one_pass", "two_kernels")
+# The one-pass form recomputes the primary GEMM for every tap: taken while that costs at most
+# this many flops per byte of the module's own traffic (x read, y written). GhostNet at fp16:
+# 36-81 on the 112x112 and 56x56 modules, 116-154 at 28x28, 250 and more at 14x14 and 7x7. An
+# H100 does about 300 dense fp16 tensor-core flops per byte of HBM traffic at peak, and small
+# tl.dot tiles reach a fraction of that: a first guess, to be tuned on a GPU.
+ONE_PASS_MAX_FLOPS_PER_BYTE = 96
+
 
 @triton.jit
 def primary_gemm_tile(
     x_ptr, w_ptr, rows, x_pix, pix_ok, K, M, sxc,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """sum_k w[rows, k] x[k, pixels] in float32 (tl.dot over BLOCK_K slices): the primary 1x1
-    conv of a tile; ``x_pix`` the pixels' offsets in x, ``sxc`` x's channel stride. Shared by
-    the eval kernel here and the training forward (triton_train.py)."""
+    """sum_k w[rows, k] x[k, pixels] with float32 accumulation (tl.dot over BLOCK_K slices, in
+    the operands' dtype: w and x must share it; in float32 where ``DOT_F32``, see
+    ``dot_in_float32``): the primary 1x1 conv of a tile; ``x_pix`` the pixels' offsets in x,
+    ``sxc`` x's channel stride, rows >= M and pixels not ``pix_ok`` read as zero. Shared by the
+    eval kernels here and the training forward (triton_train.py)."""
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -37,8 +68,18 @@ def primary_gemm_tile(
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
         xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
                      mask=(ks[:, None] < K) & pix_ok[None, :], other=0.0)  # fmt: skip
-        acc += tl.dot(w.to(tl.float32), xv.to(tl.float32))
+        if DOT_F32:
+            w = w.to(tl.float32)
+            xv = xv.to(tl.float32)
+        acc = tl.dot(w, xv, acc)
     return acc
+
+
+def dot_in_float32(x: torch.Tensor) -> bool:
+    """Whether ``primary_gemm_tile`` must upcast its operands: only bfloat16 under the
+    interpreter (CPU tensors), which keeps bfloat16 as raw uint16 bits and would multiply
+    those as integers in tl.dot. On a GPU bfloat16 runs on the tensor cores like float16."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
 @triton.jit
@@ -51,31 +92,40 @@ def plane_tile(CHANNELS, P, Wo, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _act(v, RELU: tl.constexpr):
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as in F.relu
+    return v
+
+
+@triton.jit
+def _pixel_tile(n_pix, P, Wo, BLOCK_P: tl.constexpr):
+    """The flat output pixels (over images) of program_id(0)'s tile: (ok, n, ho, wo)."""
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = pix % P
+    return pix < n_pix, pix // P, q // Wo, q % Wo
+
+
+@triton.jit
 def _primary_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
     n_pix, P, Wo, K, M, stride,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """y[n, m, ho, wo] = act(b[m] + sum_k w[m, k] x[n, k, ho * stride, wo * stride])."""
-    pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix_ok = pix < n_pix
-    n = pix // P
-    q = pix % P
-    ho = q // Wo
-    wo = q % Wo
+    """y[n, m, ho, wo] = act(sc[m] sum_k w[m, k] x[n, k, ho * stride, wo * stride] + sh[m])."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     x_pix = n * sxn + (ho * stride) * sxh + (wo * stride) * sxw
-    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, pix_ok, K, M, sxc,
-                            BLOCK_M, BLOCK_K, BLOCK_P)  # fmt: skip
-    acc += tl.load(b_ptr + rows, mask=rows < M, other=0.0)[:, None]
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in F.relu
+    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc,
+                            BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32)  # fmt: skip
+    sc = tl.load(sc_ptr + rows, mask=rows < M, other=0.0)
+    sh = tl.load(sh_ptr + rows, mask=rows < M, other=0.0)
+    acc = _act(acc * sc[:, None] + sh[:, None], RELU)
     y_off = rows[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & pix_ok[None, :])  # fmt: skip
+             mask=(rows[:, None] < M) & ok[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -95,18 +145,80 @@ def _cheap_kernel(
         inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
         v = tl.load(src + hi * syh + wi * syw, mask=inside, other=0.0)
         acc += tl.load(w_ptr + j * D * D + t).to(tl.float32) * v.to(tl.float32)
-    acc += tl.load(b_ptr + j).to(tl.float32)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in F.relu
+    acc = _act(acc + tl.load(b_ptr + j).to(tl.float32), RELU)
     dst = y_ptr + n * syn + (INIT + j) * syc + ho * syh + wo * syw
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _fold(weight, gamma, beta, mean, var, eps):
-    """BN folded into the conv before it, in float32: (weight (C, fan_in), bias (C,))."""
+@triton.jit
+def _one_pass_kernel(
+    x_ptr, w1_ptr, sc1_ptr, sh1_ptr, w2_ptr, b2_ptr, y_ptr,
+    n_pix, P, Ho, Wo, K, INIT, GHOST, NEW, PER, stride,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    D: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """The whole module on a tile: rows are ghost channels j (intrinsic channel c = j // PER
+    feeds them), columns output pixels. Per tap: x1 = act(BN1(W1 x)) at the pixels the tap
+    reads, zero outside the map, accumulated with w2[j, tap]; the centre tap's x1 goes to
+    y[:, c] from the rows j % PER == 0, and act(z2 + b2) to y[:, INIT + j] for j < GHOST."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    j = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = j // PER
+    row_ok = j < NEW
+    sc1 = tl.load(sc1_ptr + c, mask=row_ok, other=0.0)[:, None]
+    sh1 = tl.load(sh1_ptr + c, mask=row_ok, other=0.0)[:, None]
+    z2 = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for t in tl.static_range(D * D):
+        hi = ho + (t // D - D // 2)
+        wi = wo + (t % D - D // 2)
+        inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
+        x_pix = n * sxn + (hi * stride) * sxh + (wi * stride) * sxw
+        z1 = primary_gemm_tile(x_ptr, w1_ptr, c, x_pix, inside, K, INIT, sxc,
+                               BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32)  # fmt: skip
+        x1 = tl.where(inside[None, :], _act(z1 * sc1 + sh1, RELU), 0.0)
+        if t == (D * D) // 2:  # the centre tap reads the tile's own pixels: store x1
+            keep = row_ok & (j % PER == 0)
+            y1 = c[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
+            tl.store(y_ptr + y1, x1.to(y_ptr.dtype.element_ty), mask=keep[:, None] & ok[None, :])
+        w2 = tl.load(w2_ptr + j * (D * D) + t, mask=row_ok, other=0.0)
+        z2 += w2[:, None] * x1
+    b2 = tl.load(b2_ptr + j, mask=row_ok, other=0.0)
+    x2 = _act(z2 + b2[:, None], RELU)
+    y2 = (INIT + j)[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
+    tl.store(y_ptr + y2, x2.to(y_ptr.dtype.element_ty), mask=(j < GHOST)[:, None] & ok[None, :])
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps):
+    """An eval BatchNorm as float32 (scale, shift): x -> scale x + shift."""
     scale = gamma.float() * torch.rsqrt(var.float() + eps)
-    folded = weight.reshape(weight.shape[0], -1).float() * scale[:, None]
-    return folded.contiguous(), (beta.float() - mean.float() * scale).contiguous()
+    return scale.contiguous(), (beta.float() - mean.float() * scale).contiguous()
+
+
+def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) -> dict:
+    """The eval kernels' form and block sizes for a shape (a heuristic, documented here; the
+    benchmark and ``GHOSTOPS_TRITON_EVAL`` are how a GPU session checks it):
+
+    - ``one_pass`` while its GEMM recompute, ``new * inp * 2 * d * d`` flops per output pixel,
+      stays within ``ONE_PASS_MAX_FLOPS_PER_BYTE`` of the ``(inp + oup) * itemsize`` bytes the
+      module moves per output pixel; else ``two_kernels``.
+    - Row blocks (channels) of 16-64, the power of two that covers them where it can, so small
+      modules do not compute empty rows; K blocks of 16-64 (GhostNet's thin primaries in one
+      slice); 64 pixels a tile (128 for the plane kernel of the cheap op).
+    """
+    form = os.environ.get(_FORM_ENV, "auto")
+    if form not in _FORMS:
+        raise ValueError(f"{_FORM_ENV}={form!r}: expected one of {_FORMS}")
+    if form == "auto":
+        intensity = new * inp * 2 * d * d / ((inp + oup) * itemsize)
+        form = "one_pass" if intensity <= ONE_PASS_MAX_FLOPS_PER_BYTE else "two_kernels"
+    rows = new if form == "one_pass" else init
+    return {
+        "form": form,
+        "BLOCK_M": max(16, min(64, triton.next_power_of_2(rows))),
+        "BLOCK_K": max(16, min(64, triton.next_power_of_2(inp))),
+        "BLOCK_P": 64,
+    }
 
 
 @triton_op("ghostops::ghost_forward_eval_triton", mutates_args=())
@@ -130,7 +242,7 @@ def ghost_forward_eval_triton(
 ) -> torch.Tensor:
     """Eval-mode Ghost module, the same contract as ``ghostops::ghost_forward_eval``."""
     n, inp, h, w = x.shape
-    init = primary_weight.shape[0]
+    init, new = primary_weight.shape[0], cheap_weight.shape[0]
     ghost = oup - init
     d = cheap_weight.shape[-1]
     ho, wo = output_size(h, 1, stride), output_size(w, 1, stride)
@@ -138,23 +250,30 @@ def ghost_forward_eval_triton(
     y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
-    w1, b1 = _fold(primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
-    w2, b2 = _fold(cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
+    w1 = primary_weight.reshape(init, inp).contiguous()
+    sc1, sh1 = bn_scale_shift(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
+    sc2, b2 = bn_scale_shift(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
+    w2 = (cheap_weight.reshape(new, d * d).float() * sc2[:, None]).contiguous()
     relu = act == "relu"
     P = ho * wo
-    block_m = max(16, min(64, triton.next_power_of_2(init)))
-    block_k = max(16, min(32, triton.next_power_of_2(inp)))
-    block_p = 64
-    grid = (triton.cdiv(n * P, block_p), triton.cdiv(init, block_m))
-    wrap_triton(_primary_kernel)[grid](
-        x, w1, b1, y, n * P, P, wo, inp, init, stride, *x.stride(), *y.stride(),
-        RELU=relu, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_P=block_p,
+    plan = eval_plan(inp, init, oup, new, d, x.element_size())
+    blocks = {k: plan[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_P")}
+    blocks["DOT_F32"] = dot_in_float32(x)
+    tiles = triton.cdiv(n * P, plan["BLOCK_P"])
+    if plan["form"] == "one_pass":
+        wrap_triton(_one_pass_kernel)[(tiles, triton.cdiv(new, plan["BLOCK_M"]))](
+            x, w1, sc1, sh1, w2, b2, y, n * P, P, ho, wo, inp, init, ghost, new, new // init,
+            stride, *x.stride(), *y.stride(), D=d, RELU=relu, **blocks,
+        )  # fmt: skip
+        return y
+    wrap_triton(_primary_kernel)[(tiles, triton.cdiv(init, plan["BLOCK_M"]))](
+        x, w1, sc1, sh1, y, n * P, P, wo, inp, init, stride, *x.stride(), *y.stride(),
+        RELU=relu, **blocks,
     )  # fmt: skip
     if ghost > 0:
-        block = max(16, min(256, triton.next_power_of_2(P)))
-        grid2 = (n * ghost, triton.cdiv(P, block))
-        wrap_triton(_cheap_kernel)[grid2](
-            y, w2, b2, P, ho, wo, init, ghost, cheap_weight.shape[0] // init, *y.stride(),
+        block = max(16, min(128, triton.next_power_of_2(P)))
+        wrap_triton(_cheap_kernel)[(n * ghost, triton.cdiv(P, block))](
+            y, w2, b2, P, ho, wo, init, ghost, new // init, *y.stride(),
             D=d, RELU=relu, BLOCK_P=block,
         )  # fmt: skip
     return y

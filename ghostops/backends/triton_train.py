@@ -2,9 +2,9 @@
 BatchNorm and its backward (DESIGN.md section 2), the same contracts as the CPU ops
 ``ghostops::ghost_forward_train`` and ``ghostops::ghost_backward`` (csrc/ops.cpp).
 
-First version, correct on any config the CPU path covers; not tuned. Kernels work in float32
-whatever the input dtype; the outputs are in the input's dtype, the saved z1 and the batch
-statistics in float32 for float16 / bfloat16 inputs (a float16 variance overflows past 65504;
+First version, correct on any config the CPU path covers; not tuned. Kernels compute in
+float32 (F1's GEMM takes its operands in the input's dtype, accumulating in float32); the
+outputs are in the input's dtype, the saved z1 and the batch statistics in float32 for float16 / bfloat16 inputs (a float16 variance overflows past 65504;
 z1 rounded to float16 cost a 2e-2 relative error in the input gradient) and in the input's
 dtype for float32. BatchNorm parameters may be float32 with float16 inputs.
 
@@ -34,17 +34,10 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ghostops import ops as _ops
-from ghostops.backends.triton_kernels import plane_tile, primary_gemm_tile
+from ghostops.backends.triton_kernels import _act, dot_in_float32, plane_tile, primary_gemm_tile
 from ghostops.ops import output_size
 
 BLOCK_P = 64  # pixels per tile of the plane kernels
-
-
-@triton.jit
-def _act(v, RELU: tl.constexpr):
-    if RELU:
-        v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as in F.relu
-    return v
 
 
 @triton.jit
@@ -70,7 +63,7 @@ def _z2_tile(z_plane, w_row, ho, wo, ok, Ho, Wo, sc, sh, D: tl.constexpr, RELU: 
 def _f1_primary(
     x_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
     n_pix, P, Wo, K, M, stride, sxn, sxc, sxh, sxw,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """z[n, m, q] = sum_k w[m, k] x[n, k, q strided]; the tile's mean / M2 per channel."""
     pid_p = tl.program_id(0)
@@ -80,7 +73,8 @@ def _f1_primary(
     n = pix // P
     q = pix % P
     x_pix = n * sxn + (q // Wo * stride) * sxh + (q % Wo * stride) * sxw
-    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK)
+    acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK,
+                            DOT_F32)  # fmt: skip
     row_ok = rows < M
     tl.store(z_ptr + (n * M * P + q)[None, :] + rows[:, None] * P,
              acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & ok[None, :])  # fmt: skip
@@ -327,7 +321,7 @@ def ghost_forward_train_triton(
     w1 = primary_weight.reshape(init, inp).contiguous()
     wrap_triton(_f1_primary)[(blocks1, triton.cdiv(init, block_m))](
         x, w1, z1, part_mean1, part_m21, n * P, P, wo, inp, init, stride, *x.stride(),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P, DOT_F32=dot_in_float32(x),
     )  # fmt: skip
     m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
     mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))

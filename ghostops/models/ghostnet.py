@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -136,10 +137,13 @@ class GhostNet(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.classifier = nn.Linear(self.num_features, num_classes)
 
-    def _fused(self) -> bool:
-        """Whether this network runs ghostops' ops outside its Ghost modules too: when its
-        Ghost modules are ghostops' (not in the reference network, nor after
-        ``ghostops.revert``), as ``GhostBottleneck`` decides for its depthwise convs."""
+    def _fused(self, x: Tensor) -> bool:
+        """Whether this network runs ghostops' ops outside its Ghost modules too on ``x``: when
+        its Ghost modules are ghostops' (not in the reference network, nor after
+        ``ghostops.revert``) and autocast is off for x's device, as ``GhostBottleneck`` decides
+        for its depthwise convs."""
+        if torch.is_autocast_enabled(x.device.type):
+            return False
         first = self.blocks[0] if len(self.blocks) > 1 else None
         if not isinstance(first, nn.Sequential) or len(first) == 0:
             return False
@@ -176,7 +180,7 @@ class GhostNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and blocks: (N, 3, H, W) -> (N, 960 * width, H / 32, W / 32)."""
-        fused = self._fused()
+        fused = self._fused(x)
         x = self._stem(x, fused)
         blocks = self.blocks
         last = blocks[-1] if len(blocks) > 0 else None
@@ -207,7 +211,7 @@ class GhostNet(nn.Module):
             and conv.padding == (0, 0)
             and not _hooked([conv, self.act2])
         )
-        fused = self._fused()
+        fused = self._fused(x)
         if plain and fused:  # on the 1x1 pooled map the 1x1 conv is a linear layer
             x = linear(x.flatten(1), conv.weight.flatten(1), conv.bias, relu=True)
         else:
