@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ghostops.ops import (
+    autocast_dtype,
     depthwise_bn,
     ghost_module,
     ghost_module_eval_cpu,
@@ -283,7 +284,7 @@ class GhostBottleneck(nn.Module):
         ghost1, conv_dw, se, shortcut_seq = (mods.get(k) for k in self._PARTS)
         # Under torch.autocast the submodules run as nn modules do there (GhostModule casts to
         # autocast's dtype itself); the fused ops outside it take one dtype for all tensors.
-        fused = isinstance(ghost1, GhostModule) and not torch.is_autocast_enabled(x.device.type)
+        fused = isinstance(ghost1, GhostModule) and autocast_dtype(x) is None
         residual = x
         x = ghost1(x)
         if conv_dw is not None:

@@ -216,15 +216,23 @@ def _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride) ->
             raise TypeError(f"ghost_module: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs convs in on x's device where it is on, else None (for
+    devices without autocast too: meta tensors, for one)."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def autocast_convs(x: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
     """(x, *weights), cast to ``torch.autocast``'s dtype where it is on for x's device, as
     F.conv2d casts its input and weight there (float64 and non-floating tensors are left as
     they are, as autocast leaves them); unchanged otherwise. BatchNorm parameters are not
     passed here: nn.BatchNorm2d keeps them in float32 under autocast, and so do the kernels."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(x)
+    if dtype is None:
         return (x, *weights)
-    dtype = torch.get_autocast_dtype(device)
     return tuple(
         t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
         for t in (x, *weights)

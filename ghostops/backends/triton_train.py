@@ -4,9 +4,10 @@ BatchNorm and its backward (DESIGN.md section 2), the same contracts as the CPU 
 
 First version, correct on any config the CPU path covers; not tuned. Kernels compute in
 float32 (F1's GEMM takes its operands in the input's dtype, accumulating in float32); the
-outputs are in the input's dtype, the saved z1 and the batch statistics in float32 for float16 / bfloat16 inputs (a float16 variance overflows past 65504;
-z1 rounded to float16 cost a 2e-2 relative error in the input gradient) and in the input's
-dtype for float32. BatchNorm parameters may be float32 with float16 inputs.
+outputs are in the input's dtype, the saved z1 and the batch statistics in float32 for
+float16 / bfloat16 inputs (a float16 variance overflows past 65504; z1 rounded to float16 cost
+a 2e-2 relative error in the input gradient) and in the input's dtype for float32. BatchNorm
+parameters may be float32 with float16 inputs.
 
 Forward, three passes:
   F1 ``_f1_primary``: z1 = W1 x, a tl.dot GEMM over pixel tiles, stored contiguous (N, init, P);

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ghostops.nn import GhostBottleneck, GhostModule, _hooked, _make_divisible, _pointwise_bn_fits
-from ghostops.ops import conv_bn, linear, pointwise_bn
+from ghostops.ops import autocast_dtype, conv_bn, linear, pointwise_bn
 
 __all__ = ["GHOSTNET_CFGS", "ConvBnAct", "GhostBottleneck", "GhostNet", "ghostnet"]
 
@@ -142,7 +141,7 @@ class GhostNet(nn.Module):
         its Ghost modules are ghostops' (not in the reference network, nor after
         ``ghostops.revert``) and autocast is off for x's device, as ``GhostBottleneck`` decides
         for its depthwise convs."""
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_dtype(x) is not None:
             return False
         first = self.blocks[0] if len(self.blocks) > 1 else None
         if not isinstance(first, nn.Sequential) or len(first) == 0:
