@@ -5,13 +5,18 @@
 namespace ghostops {
 
 void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t size,
-                  const at::Tensor& x) {
+                  const at::Tensor& x, VectorDtype dtype) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape (", size,
               "), got ", t.sizes());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
               x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type());
+  if (dtype == VectorDtype::AnyFloat) {
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                " must be floating point, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+                t.scalar_type(), " but x has dtype ", x.scalar_type());
+  }
 }
 
 GhostShape check_ghost_shape(const char* op, const at::Tensor& x,
@@ -70,18 +75,19 @@ GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weigh
                             const at::Tensor& bn1_mean, const at::Tensor& bn1_var,
                             const at::Tensor& cheap_weight, const at::Tensor& bn2_weight,
                             const at::Tensor& bn2_bias, const at::Tensor& bn2_mean,
-                            const at::Tensor& bn2_var, int64_t oup, int64_t stride) {
+                            const at::Tensor& bn2_var, int64_t oup, int64_t stride,
+                            VectorDtype vectors) {
   const char* op = "ghost_forward_eval";
   const GhostShape s = check_ghost_shape(op, x, primary_weight, cheap_weight, oup, stride);
   const int64_t new_channels = cheap_weight.size(0);
-  check_vector(op, bn1_weight, "bn1_weight", s.init, x);
-  check_vector(op, bn1_bias, "bn1_bias", s.init, x);
-  check_vector(op, bn1_mean, "bn1_mean", s.init, x);
-  check_vector(op, bn1_var, "bn1_var", s.init, x);
-  check_vector(op, bn2_weight, "bn2_weight", new_channels, x);
-  check_vector(op, bn2_bias, "bn2_bias", new_channels, x);
-  check_vector(op, bn2_mean, "bn2_mean", new_channels, x);
-  check_vector(op, bn2_var, "bn2_var", new_channels, x);
+  check_vector(op, bn1_weight, "bn1_weight", s.init, x, vectors);
+  check_vector(op, bn1_bias, "bn1_bias", s.init, x, vectors);
+  check_vector(op, bn1_mean, "bn1_mean", s.init, x, vectors);
+  check_vector(op, bn1_var, "bn1_var", s.init, x, vectors);
+  check_vector(op, bn2_weight, "bn2_weight", new_channels, x, vectors);
+  check_vector(op, bn2_bias, "bn2_bias", new_channels, x, vectors);
+  check_vector(op, bn2_mean, "bn2_mean", new_channels, x, vectors);
+  check_vector(op, bn2_var, "bn2_var", new_channels, x, vectors);
   return s;
 }
 

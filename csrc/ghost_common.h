@@ -48,18 +48,25 @@ GhostShape check_ghost_shape(const char* op, const at::Tensor& x,
                              const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
                              int64_t oup, int64_t stride);
 
-// Checks a per-channel vector argument: shape (size), x's device and dtype.
+// Whether per-channel vectors (BatchNorm parameters and statistics) must have x's dtype (the
+// CPU kernels) or may be of any floating dtype (the CUDA kernels read them as float: float32
+// BatchNorms with half activations, the usual mixed-precision layout).
+enum class VectorDtype { SameAsX, AnyFloat };
+
+// Checks a per-channel vector argument: shape (size), x's device, and its dtype as asked.
 void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t size,
-                  const at::Tensor& x);
+                  const at::Tensor& x, VectorDtype dtype = VectorDtype::SameAsX);
 
 // Checks the arguments of ghost_forward_eval (names in messages are the schema's) and
-// returns the derived sizes. Device and dtype agreement included.
+// returns the derived sizes. Device and dtype agreement included (the vectors' dtype as
+// `vectors` says).
 GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weight,
                             const at::Tensor& bn1_weight, const at::Tensor& bn1_bias,
                             const at::Tensor& bn1_mean, const at::Tensor& bn1_var,
                             const at::Tensor& cheap_weight, const at::Tensor& bn2_weight,
                             const at::Tensor& bn2_bias, const at::Tensor& bn2_mean,
-                            const at::Tensor& bn2_var, int64_t oup, int64_t stride);
+                            const at::Tensor& bn2_var, int64_t oup, int64_t stride,
+                            VectorDtype vectors = VectorDtype::SameAsX);
 
 // BatchNorm folded into a conv: w' = w * gamma / sqrt(var + eps), b = beta - mean * that.
 // Returns {weight (channels, fan_in) contiguous, bias (channels)} in weight's dtype.

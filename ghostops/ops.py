@@ -54,9 +54,13 @@ def _register_fakes() -> None:
         ho, wo = output_size(h, k, stride), output_size(w, k, stride)
         y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=x.device,
                         memory_format=_memory_format(x))  # fmt: skip
-        z1 = x.new_empty((n, init, ho, wo))
+        # z1 and the statistics in float32 for half inputs (the CUDA kernels; the CPU kernels
+        # take float32 / float64 only, and keep x's dtype).
+        stats = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        z1 = x.new_empty((n, init, ho, wo), dtype=stats)
         new = cheap_weight.shape[0]
-        return y, z1, x.new_empty(init), x.new_empty(init), x.new_empty(new), x.new_empty(new)
+        vectors = [x.new_empty(size, dtype=stats) for size in (init, init, new, new)]
+        return (y, z1, *vectors)
 
     @torch.library.register_fake(f"{_LIB}::ghost_backward")
     def _(grad_y, x, z1, primary_weight, bn1_weight, bn1_bias, mean1, var1, bn1_eps,
@@ -279,7 +283,10 @@ def ghost_module(
     one_by_one = primary_weight.shape[-1] == 1
     # The C++ CPU kernels: eval and training, float32 / float64 (other dtypes: the reference).
     fused = backend == "cpu" and one_by_one and x.dtype in (torch.float32, torch.float64)
-    fused_eval = fused or (backend == "cuda" and one_by_one)  # CUDA C++: eval kernel so far
+    # The CUDA C++ kernels: eval any floating dtype, training float32 / float16 / bfloat16.
+    gpu_dtypes = (torch.float32, torch.float16, torch.bfloat16)  # float32 math inside
+    cuda = backend == "cuda" and one_by_one
+    fused_eval = fused or cuda
     expected = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
     if expected is not None and x.device.type != expected:
         raise ValueError(
@@ -290,13 +297,12 @@ def ghost_module(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
     )
-    if fused and batch_stats:
+    if (fused or (cuda and x.dtype in gpu_dtypes)) and batch_stats:
         return _forward_train(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
         )  # fmt: skip
-    triton_dtypes = (torch.float32, torch.float16, torch.bfloat16)  # f32 math inside
-    if backend == "triton" and one_by_one and batch_stats and x.dtype in triton_dtypes:
+    if backend == "triton" and one_by_one and batch_stats and x.dtype in gpu_dtypes:
         return _forward_train(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,

@@ -1,11 +1,21 @@
 """The CUDA C++ backend (csrc/cuda): the extension exposes its kernels when built with CUDA; on
-a GPU, the eval kernel against the float64 reference (marked ``gpu``, skipped without one)."""
+a GPU, the eval kernel and the training forward and backward against the float64 reference
+(marked ``gpu``, skipped without one; the training cases are the Triton backend's, from
+ghost_cases.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
+from ghost_cases import (
+    GPU_TRAIN_CASES,
+    Case,
+    check_training,
+    make_args,
+    rel_err,
+    run_fused,
+    run_reference,
+)
 
 import ghostops
 from ghostops import _ext
@@ -16,11 +26,10 @@ pytestmark = [
 ]
 
 
-def test_cuda_kernels_are_registered_when_built_with_cuda():
+@pytest.mark.parametrize("op", ["ghost_forward_eval", "ghost_forward_train", "ghost_backward"])
+def test_cuda_kernels_are_registered_when_built_with_cuda(op):
     built = _ext.require().built_with_cuda()
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ghostops::ghost_forward_eval", "CUDA"
-    )
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"ghostops::{op}", "CUDA")
     assert has_kernel == built
     if torch.version.cuda is None:
         assert not built
@@ -67,3 +76,105 @@ def test_cuda_backend_module():
         with ghostops.use_backend("reference"):
             ref = m(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+needs_gpu = pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")
+TRAIN_PARAMS = [pytest.param(c, torch.float32, id=f"f32-{c}") for c in GPU_TRAIN_CASES] + [
+    pytest.param(c, dt, id=f"{name}-{c}")
+    for dt, name in ((torch.float16, "f16"), (torch.bfloat16, "bf16"))
+    for c in GPU_TRAIN_CASES[:4]
+]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case, dtype", TRAIN_PARAMS)
+def test_cuda_training_matches_reference(case, dtype):
+    """Output, all seven gradients and the running statistics against the float64 reference."""
+    x, params = make_args(case, torch.float32)
+    check_training(case, x, params, dtype, "cuda", "cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    "case",
+    [Case(16, 48, 112, 112, batch=4), Case(80, 480, 14, 14, batch=16),
+     Case(960, 160, 7, 7, batch=32, relu=False), Case(40, 120, 28, 28, batch=8,
+     channels_last=True)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_cuda_training_matches_reference_at_real_sizes(case, dtype):
+    x, params = make_args(case, torch.float32)
+    check_training(case, x, params, dtype, "cuda", "cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_training_module_with_float32_batchnorms_under_autocast():
+    """GhostModule in training under torch.autocast(float16) on the CUDA backend: float16 convs
+    with the float32 BatchNorm parameters and buffers, against the paper's module."""
+    from ghostops.reference import ReferenceGhostModule
+
+    torch.manual_seed(0)
+    m = ghostops.GhostModule(32, 64).cuda().train()
+    ref = ReferenceGhostModule(32, 64).cuda().train()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(8, 32, 28, 28, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        with ghostops.use_backend("cuda"):
+            y = m(x)
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == torch.float16
+    assert y.grad_fn.name().startswith("GeneratedBackwardFor_ghostops_ghost_forward_train_")
+    assert rel_err(y.float().cpu(), y_ref.double().cpu()) < 1e-2
+    (g,) = torch.autograd.grad(y.float().square().sum(), [m.primary_conv[0].weight])
+    (g_ref,) = torch.autograd.grad(y_ref.float().square().sum(), [ref.primary_conv[0].weight])
+    assert g.dtype == torch.float32 and rel_err(g.cpu(), g_ref.double().cpu()) < 3e-2
+    torch.testing.assert_close(m.primary_conv[1].running_mean, ref.primary_conv[1].running_mean,
+                               rtol=1e-2, atol=1e-3)  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_training_ops_reject_bad_input():
+    case = Case(6, 10, 5, 5)
+    x, p = make_args(case)
+    x, p = x.cuda(), [t.cuda() for t in p]
+
+    def forward(*changes):
+        args = [x, p[0], p[1], p[2], 1e-5, p[5], p[6], p[7], 1e-5, 10, 1, "relu"]
+        for i, value in changes:
+            args[i] = value
+        return torch.ops.ghostops.ghost_forward_train(*args)
+
+    with pytest.raises(RuntimeError, match="oup=12 does not match 5 intrinsic channels"):
+        forward((9, 12))
+    with pytest.raises(RuntimeError, match="bn2_bias must have shape"):
+        forward((7, p[7][:4]))
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        forward((0, x.double()), (1, p[0].double()), (5, p[5].double()))
+    y, z1, *stats = forward()
+    gy = torch.randn_like(y)
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        torch.ops.ghostops.ghost_backward(gy[:, :, :4], x, z1, p[0], p[1], p[2], stats[0],
+                                          stats[1], 1e-5, p[5], p[6], p[7], stats[2], stats[3],
+                                          1e-5, 1, "relu", [True, True])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_training_fake_matches_the_cuda_kernels_dtypes(dtype):
+    """The fake (meta) implementation that torch.compile traces with says what the CUDA
+    training kernels return: y in x's dtype, z1 and the statistics in float32 for half inputs
+    (x's dtype for float32, as the CPU kernels)."""
+    x = torch.empty(2, 6, 5, 5, device="meta", dtype=dtype)
+    w1 = torch.empty(5, 6, 1, 1, device="meta", dtype=dtype)
+    w2 = torch.empty(5, 1, 3, 3, device="meta", dtype=dtype)
+    vec = torch.empty(5, device="meta")
+    y, z1, *stats = torch.ops.ghostops.ghost_forward_train(
+        x, w1, vec, vec, 1e-5, w2, vec, vec, 1e-5, 10, 1, "relu"
+    )
+    assert y.dtype == dtype and y.shape == (2, 10, 5, 5)
+    assert z1.dtype == torch.float32 and z1.shape == (2, 5, 5, 5)
+    assert [s.dtype for s in stats] == [torch.float32] * 4

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ghost_cases import Case, make_args, rel_err, run_fused, run_reference
+from ghost_cases import (
+    GPU_TRAIN_CASES,
+    Case,
+    check_training,
+    gpu_train_tolerances,
+    make_args,
+    rel_err,
+    run_fused,
+    run_reference,
+    train_step,
+)
 
 import ghostops
 from ghostops import _ext
@@ -143,74 +153,13 @@ def test_module_uses_triton_backend_when_forced():
 # --------------------------------------------------------------------------------------------
 # Training: ghostops::ghost_forward_train_triton / ghost_backward_triton
 
-TRAIN_CASES = [
-    Case(6, 10, 9, 11),
-    Case(5, 7, 9, 11, relu=False),  # odd oup: a ghost channel only BN2's statistics see
-    Case(6, 10, 8, 5, ratio=3, dw_size=5),
-    Case(4, 9, 6, 7, ratio=4, dw_size=7, relu=False),
-    Case(3, 8, 1, 1, batch=3),  # 1x1 maps
-    Case(8, 12, 1, 9, dw_size=1),
-    Case(3, 1, 5, 5),  # oup 1: no ghost channel kept
-    Case(7, 9, 15, 17, stride=2),
-    Case(8, 140, 3, 4),  # 70 intrinsic channels: two row blocks of the GEMM
-    Case(40, 24, 7, 7, batch=3),  # several K blocks and pixel tiles
-    Case(6, 10, 9, 11, channels_last=True),
-    Case(7, 9, 15, 17, stride=2, channels_last=True),
-    Case(7, 9, 15, 17, stride=2, strided_input=True),
-]
-# Relative error bounds of y (gradients: GRAD_FACTOR times more) against the float64 reference
-# on the same rounded inputs. float32 through tl.dot may use TF32 on a GPU (DESIGN.md section
-# 5); half precision: the outputs, z1 and the gradients are rounded to it.
-TRAIN_TOL = {
-    torch.float32: 1e-4 if DEVICE == "cpu" else 3e-3,
-    torch.float16: 3e-3,
-    torch.bfloat16: 2.5e-2,
-}
-GRAD_FACTOR = {torch.float32: 5, torch.float16: 5, torch.bfloat16: 6}
-
-
-def _train_step(case, x, params, backend, momentum=0.1, grad_y=None):
-    """y, the gradients of x and of the seven trainable tensors under ``grad_y`` (default a
-    fixed ramp in channels_last strides, so the kernels' gradient strides are exercised), and
-    the four running statistics after the step, with ``backend`` forced."""
-    p = params
-    x = x.detach().clone().requires_grad_()
-    leaves = [x] + [p[i].detach().clone().requires_grad_() for i in (0, 1, 2, 5, 6, 7)]
-    running = [p[i].detach().clone() for i in (3, 4, 8, 9)]
-    w1, g1, b1, w2, g2, b2 = leaves[1:]
-    with ghostops.use_backend(backend):
-        y = ghostops.ghost_module(
-            x, w1, g1, b1, running[0], running[1], w2, g2, b2, running[2], running[3],
-            oup=case.oup, ratio=case.ratio, dw_size=case.dw_size, stride=case.stride,
-            relu=case.relu, training=True, momentum=momentum,
-        )  # fmt: skip
-    if grad_y is None:
-        grad_y = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device)
-        grad_y = grad_y.reshape(y.shape).contiguous(memory_format=torch.channels_last)
-    return y, torch.autograd.grad(y, leaves, grad_y.to(y.dtype)), running
+TRAIN_CASES = GPU_TRAIN_CASES
+TRAIN_TOL = gpu_train_tolerances(DEVICE)
 
 
 def _check_against_reference(case, x, params, dtype, grad_y=None, running_stats=True):
-    """The Triton training step in ``dtype`` against the float64 reference run on the same
-    values (the inputs rounded to ``dtype`` first)."""
-    x, params = x.to(dtype), [t.to(dtype) for t in params]
-    y_ref, grads_ref, running_ref = _train_step(
-        case, x.double(), [t.double() for t in params], "reference", grad_y=grad_y
-    )
-    x, params = x.to(DEVICE), [t.to(DEVICE) for t in params]
-    if case.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    gy = None if grad_y is None else grad_y.to(DEVICE)
-    y, grads, running = _train_step(case, x, params, "triton", grad_y=gy)
-    assert "ghost_forward_train_triton" in y.grad_fn.name()  # the kernels ran, not the reference
-    assert y.dtype == dtype and y.shape == y_ref.shape
-    tol = TRAIN_TOL[dtype]
-    assert rel_err(y.cpu(), y_ref) < tol
-    for name, g, ref in zip(("x", "w1", "g1", "b1", "w2", "g2", "b2"), grads, grads_ref):
-        assert g.shape == ref.shape and g.dtype == dtype, name
-        assert rel_err(g.cpu(), ref) < GRAD_FACTOR[dtype] * tol, name
-    for r, ref in zip(running if running_stats else [], running_ref):
-        assert rel_err(r.cpu(), ref) < tol
+    """The Triton training step against the float64 reference (ghost_cases.check_training)."""
+    check_training(case, x, params, dtype, "triton", DEVICE, grad_y, running_stats)
 
 
 # Every case in float32; half precision on two (the interpreter is slow).
@@ -250,10 +199,10 @@ def test_training_float16_with_float32_batchnorms():
     case = Case(6, 10, 9, 11)
     x, p = make_args(case)
     half = [t.half() if i in (0, 5) else t for i, t in enumerate(p)]
-    y_ref, grads_ref, running_ref = _train_step(
+    y_ref, grads_ref, running_ref = train_step(
         case, x.half().double(), [t.double() for t in half], "reference"
     )
-    y, grads, running = _train_step(
+    y, grads, running = train_step(
         case, x.half().to(DEVICE), [t.to(DEVICE) for t in half], "triton"
     )
     assert "ghost_forward_train_triton" in y.grad_fn.name()
@@ -342,7 +291,7 @@ def test_training_output_may_be_modified_in_place():
     case = Case(6, 10, 9, 11)
     x, params = make_args(case)
     x, params = x.to(DEVICE), [t.to(DEVICE) for t in params]
-    _, grads, _ = _train_step(case, x, params, "triton")
+    _, grads, _ = train_step(case, x, params, "triton")
     w = params[0].detach().clone().requires_grad_()
     with ghostops.use_backend("triton"):
         y = ghostops.ghost_module(x, w, *params[1:5], params[5], *params[6:10], oup=case.oup,

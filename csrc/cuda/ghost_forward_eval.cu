@@ -2,8 +2,9 @@
 // ghostops::ghost_forward_eval (schema in csrc/ops.cpp, same contract as the CPU kernel).
 //
 // First version, two kernels on the current stream, both BatchNorms folded beforehand:
-//   primary_kernel  the 1x1 conv as a shared-memory tiled GEMM (32 channels x 64 pixels a block,
-//                   float accumulation), BN1 + act in its epilogue, into y[:, :init];
+//   primary_kernel  the 1x1 conv as a shared-memory tiled GEMM (primary_gemm.cuh: 32 channels
+//                   x 64 pixels a block, float accumulation), BN1 + act in its epilogue, into
+//                   y[:, :init];
 //   cheap_kernel    the depthwise cheap op reading those channels back (from L2), BN2 + act,
 //                   into y[:, init:oup]; ghost channels past oup are never computed.
 // Any strides (NCHW, channels_last, views): the output follows the input's memory format.
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include "../ghost_common.h"
+#include "primary_gemm.cuh"
 
 namespace ghostops::cuda {
 namespace {
@@ -28,51 +30,20 @@ struct EvalParams {
   int64_t syn, syc, syh, syw;  // y
 };
 
-constexpr int kTileM = 32, kTileP = 64, kTileK = 16, kThreads = 256;
+constexpr int kThreads = kGemmThreads;
 
 // y[n, m, p] = act(b[m] + sum_k w[m, k] x[n, k, p * stride]) for a 32 x 64 tile of (channel,
-// pixel); pixels run over all images (n * Ho * Wo of them). 16 x 16 threads, each 2 channels x
-// 4 pixels.
+// pixel) (primary_gemm.cuh); pixels run over all images (n * Ho * Wo of them).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     primary_kernel(const T* __restrict__ x, const float* __restrict__ w,
                    const float* __restrict__ b, T* __restrict__ y, EvalParams p) {
-  __shared__ float ws[kTileK][kTileM];
-  __shared__ float xs[kTileK][kTileP];
+  const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
+  float acc[2][4];
+  primary_gemm_tile(x, w, g, acc);
   const int64_t P = p.Ho * p.Wo, n_pix = p.N * P;
   const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  float acc[2][4] = {};
-  for (int64_t k0 = 0; k0 < p.C; k0 += kTileK) {
-    for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
-      const int k = i % kTileK, m = i / kTileK;
-      const bool ok = m0 + m < p.init && k0 + k < p.C;
-      ws[k][m] = ok ? w[(m0 + m) * p.C + k0 + k] : 0.f;
-    }
-    for (int i = threadIdx.x; i < kTileK * kTileP; i += kThreads) {
-      const int q = i % kTileP, k = i / kTileP;
-      const int64_t pix = pix0 + q;
-      float v = 0.f;
-      if (pix < n_pix && k0 + k < p.C) {
-        const int64_t n = pix / P, r = pix % P, ho = r / p.Wo, wo = r % p.Wo;
-        v = static_cast<float>(x[n * p.sxn + (k0 + k) * p.sxc + ho * p.stride * p.sxh +
-                                 wo * p.stride * p.sxw]);
-      }
-      xs[k][q] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      const float w0 = ws[k][2 * ty], w1 = ws[k][2 * ty + 1];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float v = xs[k][tx + 16 * j];
-        acc[0][j] = fmaf(w0, v, acc[0][j]);
-        acc[1][j] = fmaf(w1, v, acc[1][j]);
-      }
-    }
-    __syncthreads();
-  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t m = m0 + 2 * ty + i;
@@ -145,7 +116,7 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
                                    c10::string_view act) {
   const GhostShape s = check_ghost_args(x, primary_weight, bn1_weight, bn1_bias, bn1_mean,
                                         bn1_var, cheap_weight, bn2_weight, bn2_bias, bn2_mean,
-                                        bn2_var, oup, stride);
+                                        bn2_var, oup, stride, VectorDtype::AnyFloat);
   TORCH_CHECK(x.is_cuda(), "ghost_forward_eval (CUDA kernel): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const Act activation = parse_act(std::string(act));

@@ -1,0 +1,283 @@
+// Backward of the CUDA training forward (ghost_forward_train.cu), CUDA C++: the CUDA
+// implementation of ghostops::ghost_backward (schema in csrc/ops.cpp). From x, the saved z1
+// and the batch statistics (y is not read, so callers may modify it in place), on the current
+// stream, mirroring the Triton backward (ghostops/backends/triton_train.py):
+//   b1_ghost_sums  z2 recomputed exactly as the forward computed it (train_common.cuh);
+//                  per-tile sums of ga2 = dy2 act'(a2) and ga2 x2hat;
+//   b2_dz2         dz2 (BN2's backward) into a float buffer, and per tile and tap the cheap
+//                  weight's gradient sum dz2[q] x1[q + tap];
+//   b3_dx1         dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 act'(a1) into a float buffer, per-tile
+//                  sums of ga1 and ga1 x1hat;
+// then dz1 (BN1's backward) and the primary conv's two GEMMs with ATen (cuBLAS). Partial sums
+// are per tile and reduced by ATen in a fixed order: results do not depend on timing.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "train_common.cuh"
+
+namespace ghostops::cuda {
+namespace {
+
+// BN2's side of the backward at one pixel of ghost channel j: ga2 = dy2 act'(a2) and x2hat,
+// zero for pixels outside the plane.
+struct GhostGrad {
+  float ga, xh;
+};
+
+template <typename T, Act A>
+__device__ __forceinline__ GhostGrad ghost_grad(
+    const PlaneIndex& i, const float* __restrict__ z1, const T* __restrict__ gy,
+    const float* __restrict__ w2, const float* __restrict__ sc1, const float* __restrict__ sh1,
+    const float* __restrict__ sc2, const float* __restrict__ sh2,
+    const float* __restrict__ mean2, const float* __restrict__ invstd2, const TrainParams& p) {
+  if (!i.ok) return {0.f, 0.f};
+  const int64_t j = i.ch, c = j / p.per;
+  const float z2 = z2_at<A>(z1 + (i.n * p.init + c) * p.P, w2 + j * p.d * p.d, i.ho, i.wo, p,
+                            sc1[c], sh1[c]);
+  float ga = static_cast<float>(
+      gy[i.n * p.syn + (p.init + j) * p.syc + i.ho * p.syh + i.wo * p.syw]);
+  if constexpr (A == Act::ReLU) ga = fmaf(z2, sc2[j], sh2[j]) > 0.f ? ga : 0.f;
+  return {ga, (z2 - mean2[j]) * invstd2[j]};
+}
+
+// Grid (N * ghost, pixel tiles): sum_ga / sum_gx (N * tiles, ghost).
+template <typename T, Act A>
+__global__ void __launch_bounds__(kPlaneThreads)
+    b1_ghost_sums(const float* __restrict__ z1, const T* __restrict__ gy,
+                  const float* __restrict__ w2, const float* __restrict__ sc1,
+                  const float* __restrict__ sh1, const float* __restrict__ sc2,
+                  const float* __restrict__ sh2, const float* __restrict__ mean2,
+                  const float* __restrict__ invstd2, float* __restrict__ sum_ga,
+                  float* __restrict__ sum_gx, TrainParams p) {
+  const PlaneIndex i = plane_index(p.ghost, p);
+  const GhostGrad gg = ghost_grad<T, A>(i, z1, gy, w2, sc1, sh1, sc2, sh2, mean2, invstd2, p);
+  const float s_ga = block_sum(gg.ga), s_gx = block_sum(gg.ga * gg.xh);
+  if (threadIdx.x == 0) {
+    const int64_t part = (i.n * gridDim.y + blockIdx.y) * p.ghost + i.ch;
+    sum_ga[part] = s_ga;
+    sum_gx[part] = s_gx;
+  }
+}
+
+// Grid (N * ghost, pixel tiles): dz2 = k2 (ga2 - mean(ga2) - x2hat mean(ga2 x2hat)) into dz2
+// (N, ghost, P); the cheap weight's gradient per tile and tap into dw_part (N * tiles, ghost,
+// d * d).
+template <typename T, Act A>
+__global__ void __launch_bounds__(kPlaneThreads)
+    b2_dz2(const float* __restrict__ z1, const T* __restrict__ gy, const float* __restrict__ w2,
+           const float* __restrict__ sc1, const float* __restrict__ sh1,
+           const float* __restrict__ sc2, const float* __restrict__ sh2,
+           const float* __restrict__ mean2, const float* __restrict__ invstd2,
+           const float* __restrict__ k2, const float* __restrict__ mg2,
+           const float* __restrict__ mx2, float* __restrict__ dz2, float* __restrict__ dw_part,
+           TrainParams p) {
+  const PlaneIndex i = plane_index(p.ghost, p);
+  const GhostGrad gg = ghost_grad<T, A>(i, z1, gy, w2, sc1, sh1, sc2, sh2, mean2, invstd2, p);
+  const int64_t j = i.ch, c = j / p.per, h = p.d / 2;
+  const float dz = i.ok ? k2[j] * (gg.ga - mg2[j] - gg.xh * mx2[j]) : 0.f;
+  if (i.ok) dz2[(i.n * p.ghost + j) * p.P + i.q] = dz;
+  const float* z = z1 + (i.n * p.init + c) * p.P;
+  const int64_t part = ((i.n * gridDim.y + blockIdx.y) * p.ghost + j) * p.d * p.d;
+  for (int64_t t = 0; t < p.d * p.d; ++t) {
+    const float v =
+        i.ok ? x1_at<A>(z, i.ho + t / p.d - h, i.wo + t % p.d - h, p, sc1[c], sh1[c]) : 0.f;
+    const float s = block_sum(dz * v);
+    if (threadIdx.x == 0) dw_part[part + t] = s;
+  }
+}
+
+// Grid (N * init, pixel tiles): ga1 (N, init, P) and sum_ga / sum_gx (N * tiles, init).
+template <typename T, Act A>
+__global__ void __launch_bounds__(kPlaneThreads)
+    b3_dx1(const float* __restrict__ z1, const T* __restrict__ gy,
+           const float* __restrict__ dz2, const float* __restrict__ w2,
+           const float* __restrict__ sc1, const float* __restrict__ sh1,
+           const float* __restrict__ mean1, const float* __restrict__ invstd1,
+           float* __restrict__ ga1, float* __restrict__ sum_ga, float* __restrict__ sum_gx,
+           TrainParams p) {
+  const PlaneIndex i = plane_index(p.init, p);
+  const int64_t c = i.ch, h = p.d / 2;
+  float ga = 0.f, xh = 0.f;
+  if (i.ok) {
+    float dx =
+        static_cast<float>(gy[i.n * p.syn + c * p.syc + i.ho * p.syh + i.wo * p.syw]);
+    for (int64_t jj = 0; jj < p.per; ++jj) {
+      const int64_t j = c * p.per + jj;
+      if (j >= p.ghost) break;
+      const float* plane = dz2 + (i.n * p.ghost + j) * p.P;
+      for (int64_t t = 0; t < p.d * p.d; ++t) {  // the transposed conv: taps from the far side
+        const int64_t hi = i.ho - (t / p.d - h), wi = i.wo - (t % p.d - h);
+        if (hi < 0 || hi >= p.Ho || wi < 0 || wi >= p.Wo) continue;
+        dx = fmaf(w2[j * p.d * p.d + t], plane[hi * p.Wo + wi], dx);
+      }
+    }
+    const int64_t e = (i.n * p.init + c) * p.P + i.q;
+    const float z = z1[e];
+    ga = dx;
+    if constexpr (A == Act::ReLU) ga = fmaf(z, sc1[c], sh1[c]) > 0.f ? ga : 0.f;
+    ga1[e] = ga;
+    xh = (z - mean1[c]) * invstd1[c];
+  }
+  const float s_ga = block_sum(ga), s_gx = block_sum(ga * xh);
+  if (threadIdx.x == 0) {
+    const int64_t part = (i.n * gridDim.y + blockIdx.y) * p.init + c;
+    sum_ga[part] = s_ga;
+    sum_gx[part] = s_gx;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z1,
+                    const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
+                    const at::Tensor& bn1_bias, const at::Tensor& mean1,
+                    const at::Tensor& var1, double bn1_eps, const at::Tensor& cheap_weight,
+                    const at::Tensor& bn2_weight, const at::Tensor& bn2_bias,
+                    const at::Tensor& mean2, const at::Tensor& var2, double bn2_eps,
+                    int64_t stride, c10::string_view act, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "ghost_backward (CUDA kernel)";
+  TORCH_CHECK(grad_y.dim() == 4, op, ": grad_y must be 4-D, got ", grad_y.sizes());
+  const GhostShape s =
+      check_ghost_shape(op, x, primary_weight, cheap_weight, grad_y.size(1), stride);
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  const int64_t new_ch = s.init * (s.ratio - 1), P = s.out_h * s.out_w, M = s.batch * P;
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.oup, s.out_h, s.out_w}) &&
+                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              op, ": grad_y must be (", s.batch, ", ", s.oup, ", ", s.out_h, ", ", s.out_w,
+              ") ", x.scalar_type(), " on x's device, got ", grad_y.sizes(), " ",
+              grad_y.scalar_type());
+  TORCH_CHECK(z1.sizes() == at::IntArrayRef({s.batch, s.init, s.out_h, s.out_w}) &&
+                  z1.scalar_type() == at::kFloat && z1.device() == x.device(),
+              op, ": z1 must be the forward's (", s.batch, ", ", s.init, ", ", s.out_h, ", ",
+              s.out_w, ") float32, got ", z1.sizes(), " ", z1.scalar_type());
+  for (const auto& [t, name] : {std::pair{&primary_weight, "primary_weight"},
+                                std::pair{&cheap_weight, "cheap_weight"}}) {
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(), op, ": ",
+                name, " must match x's device and dtype");
+  }
+  check_vector(op, bn1_weight, "bn1_weight", s.init, x, VectorDtype::AnyFloat);
+  check_vector(op, bn1_bias, "bn1_bias", s.init, x, VectorDtype::AnyFloat);
+  check_vector(op, mean1, "mean1", s.init, x, VectorDtype::AnyFloat);
+  check_vector(op, var1, "var1", s.init, x, VectorDtype::AnyFloat);
+  check_vector(op, bn2_weight, "bn2_weight", new_ch, x, VectorDtype::AnyFloat);
+  check_vector(op, bn2_bias, "bn2_bias", new_ch, x, VectorDtype::AnyFloat);
+  check_vector(op, mean2, "mean2", new_ch, x, VectorDtype::AnyFloat);
+  check_vector(op, var2, "var2", new_ch, x, VectorDtype::AnyFloat);
+  TORCH_CHECK(M > 0, op, ": needs at least one output pixel");
+  const Act activation = parse_act(std::string(act));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  at::Tensor sc1, sh1, invstd1, sc2, sh2, invstd2;
+  std::tie(sc1, sh1, invstd1) = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps);
+  std::tie(sc2, sh2, invstd2) = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps);
+  const at::Tensor mean1f = mean1.to(at::kFloat).contiguous();
+  const at::Tensor mean2f = mean2.to(at::kFloat).contiguous();
+  const at::Tensor w2 =
+      cheap_weight.reshape({new_ch, s.dw * s.dw}).to(at::kFloat).contiguous();
+  const at::Tensor z = z1.contiguous();
+  const int64_t tiles = cdiv(P, kPlaneThreads), ghost = s.ghost;
+  const TrainParams p{s.batch,          s.out_h,          s.out_w,          P,
+                      s.init,           ghost,            new_ch,           s.ratio - 1,
+                      s.dw,             grad_y.stride(0), grad_y.stride(1), grad_y.stride(2),
+                      grad_y.stride(3)};
+
+  at::Tensor dgamma2 = at::zeros({new_ch}, f32), dbeta2 = at::zeros({new_ch}, f32);
+  at::Tensor dw2 = at::zeros({new_ch, s.dw * s.dw}, f32);
+  at::Tensor dz2 = at::empty({s.batch, std::max<int64_t>(ghost, 1), P}, f32);
+  at::Tensor ga1 = at::empty({s.batch, s.init, P}, f32);
+  at::Tensor sum_ga1 = at::empty({s.batch * tiles, s.init}, f32);
+  at::Tensor sum_gx1 = at::empty_like(sum_ga1);
+  dispatch_train_dtype(op, x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto passes = [&](auto act_tag) {
+      constexpr Act A = decltype(act_tag)::value;
+      const T* gy = grad_y.const_data_ptr<T>();
+      if (ghost > 0) {
+        at::Tensor sum_ga = at::empty({s.batch * tiles, ghost}, f32);
+        at::Tensor sum_gx = at::empty_like(sum_ga);
+        const dim3 grid(s.batch * ghost, tiles);
+        b1_ghost_sums<T, A><<<grid, kPlaneThreads, 0, stream>>>(
+            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(),
+            sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
+            sc2.const_data_ptr<float>(), sh2.const_data_ptr<float>(),
+            mean2f.const_data_ptr<float>(), invstd2.const_data_ptr<float>(),
+            sum_ga.mutable_data_ptr<float>(), sum_gx.mutable_data_ptr<float>(), p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dbeta2.slice(0, 0, ghost).copy_(sum_ga.sum(0));
+        dgamma2.slice(0, 0, ghost).copy_(sum_gx.sum(0));
+        const at::Tensor k2 = (bn2_weight.to(at::kFloat) * invstd2).slice(0, 0, ghost).contiguous();
+        const at::Tensor mg2 = (dbeta2.slice(0, 0, ghost) / double(M)).contiguous();
+        const at::Tensor mx2 = (dgamma2.slice(0, 0, ghost) / double(M)).contiguous();
+        at::Tensor dw_part = at::empty({s.batch * tiles, ghost, s.dw * s.dw}, f32);
+        b2_dz2<T, A><<<grid, kPlaneThreads, 0, stream>>>(
+            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(),
+            sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
+            sc2.const_data_ptr<float>(), sh2.const_data_ptr<float>(),
+            mean2f.const_data_ptr<float>(), invstd2.const_data_ptr<float>(),
+            k2.const_data_ptr<float>(), mg2.const_data_ptr<float>(),
+            mx2.const_data_ptr<float>(), dz2.mutable_data_ptr<float>(),
+            dw_part.mutable_data_ptr<float>(), p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dw2.slice(0, 0, ghost).copy_(dw_part.sum(0));
+      }
+      b3_dx1<T, A><<<dim3(s.batch * s.init, tiles), kPlaneThreads, 0, stream>>>(
+          z.const_data_ptr<float>(), gy, dz2.const_data_ptr<float>(),
+          w2.const_data_ptr<float>(), sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
+          mean1f.const_data_ptr<float>(), invstd1.const_data_ptr<float>(),
+          ga1.mutable_data_ptr<float>(), sum_ga1.mutable_data_ptr<float>(),
+          sum_gx1.mutable_data_ptr<float>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (activation == Act::ReLU) {
+      passes(std::integral_constant<Act, Act::ReLU>{});
+    } else {
+      passes(std::integral_constant<Act, Act::Identity>{});
+    }
+  });
+  const at::Tensor dbeta1 = sum_ga1.sum(0), dgamma1 = sum_gx1.sum(0);
+
+  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs.
+  const at::Tensor k1 = (bn1_weight.to(at::kFloat) * invstd1).unsqueeze(1);
+  const at::Tensor x1hat =
+      (z.reshape({s.batch, s.init, P}) - mean1f.unsqueeze(1)) * invstd1.unsqueeze(1);
+  const at::Tensor dz1 =
+      k1 * (ga1 - (dbeta1 / double(M)).unsqueeze(1) - x1hat * (dgamma1 / double(M)).unsqueeze(1));
+  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).to(at::kFloat);
+  at::Tensor grad_x = x.new_empty({0}), grad_w1 = x.new_empty({0});
+  if (output_mask[0]) {
+    const at::Tensor gxs =
+        at::matmul(w1.t(), dz1).reshape({s.batch, s.inp, s.out_h, s.out_w}).to(x.scalar_type());
+    if (stride == 1) {
+      grad_x = gxs.contiguous(x.suggest_memory_format());
+    } else {
+      grad_x = at::zeros_like(x);
+      grad_x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).copy_(gxs);
+    }
+  }
+  if (output_mask[1]) {
+    const at::Tensor xs = x.slice(2, 0, s.height, stride)
+                              .slice(3, 0, s.width, stride)
+                              .reshape({s.batch, s.inp, P})
+                              .to(at::kFloat);
+    grad_w1 = at::einsum("nip,ncp->ic", {dz1, xs})
+                  .reshape(primary_weight.sizes())
+                  .to(primary_weight.scalar_type());
+  }
+  return {grad_x,
+          grad_w1,
+          dgamma1.to(bn1_weight.scalar_type()),
+          dbeta1.to(bn1_bias.scalar_type()),
+          dw2.reshape(cheap_weight.sizes()).to(cheap_weight.scalar_type()),
+          dgamma2.to(bn2_weight.scalar_type()),
+          dbeta2.to(bn2_bias.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostops, CUDA, m) { m.impl("ghost_backward", &ghost_backward_cuda); }
+
+}  // namespace ghostops::cuda

@@ -1,0 +1,67 @@
+// The primary 1x1 conv's GEMM tile, shared by the eval kernel (ghost_forward_eval.cu) and the
+// training forward (ghost_forward_train.cu): a shared-memory tiled GEMM, float accumulation.
+#pragma once
+
+#include <cstdint>
+
+namespace ghostops::cuda {
+
+constexpr int kTileM = 32, kTileP = 64, kTileK = 16, kGemmThreads = 256;
+
+// Sizes and element strides the GEMM reads: M output channels from C input channels, pixels
+// over all images (N * Ho * Wo of them), x sampled every `stride` rows and columns.
+struct GemmShape {
+  int64_t N, C, M, Ho, Wo, stride;
+  int64_t sxn, sxc, sxh, sxw;  // x
+};
+
+// acc[i][j] = sum_k w[m0 + 2 ty + i, k] x[k, pixel pix0 + tx + 16 j] for this block's 32 x 64
+// tile of (channel, pixel), blockIdx (pixel tile, channel tile), 16 x 16 threads (tx =
+// threadIdx.x % 16, ty = threadIdx.x / 16), each 2 channels x 4 pixels. w: (M, C) float,
+// contiguous. Out-of-range rows and pixels accumulate zeros. Every thread of the block calls it.
+template <typename T>
+__device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
+                                                  const float* __restrict__ w,
+                                                  const GemmShape& g, float (&acc)[2][4]) {
+  __shared__ float ws[kTileK][kTileM];
+  __shared__ float xs[kTileK][kTileP];
+  const int64_t P = g.Ho * g.Wo, n_pix = g.N * P;
+  const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = 0; k0 < g.C; k0 += kTileK) {
+    for (int i = threadIdx.x; i < kTileK * kTileM; i += kGemmThreads) {
+      const int k = i % kTileK, m = i / kTileK;
+      const bool ok = m0 + m < g.M && k0 + k < g.C;
+      ws[k][m] = ok ? w[(m0 + m) * g.C + k0 + k] : 0.f;
+    }
+    for (int i = threadIdx.x; i < kTileK * kTileP; i += kGemmThreads) {
+      const int q = i % kTileP, k = i / kTileP;
+      const int64_t pix = pix0 + q;
+      float v = 0.f;
+      if (pix < n_pix && k0 + k < g.C) {
+        const int64_t n = pix / P, r = pix % P, ho = r / g.Wo, wo = r % g.Wo;
+        v = static_cast<float>(x[n * g.sxn + (k0 + k) * g.sxc + ho * g.stride * g.sxh +
+                                 wo * g.stride * g.sxw]);
+      }
+      xs[k][q] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      const float w0 = ws[k][2 * ty], w1 = ws[k][2 * ty + 1];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float v = xs[k][tx + 16 * j];
+        acc[0][j] = fmaf(w0, v, acc[0][j]);
+        acc[1][j] = fmaf(w1, v, acc[1][j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace ghostops::cuda

@@ -1,0 +1,139 @@
+// Shared by the CUDA training forward (ghost_forward_train.cu) and backward
+// (ghost_backward.cu) of the Ghost module: the sizes of a call, the recomputation of x1 and of
+// the cheap op's pre-BN output z2 from the saved z1 (one definition, so the forward and the
+// backward round alike), a deterministic block sum, and the host-side statistics helpers.
+// The same decomposition as the Triton backend (ghostops/backends/triton_train.py), whose
+// docstring lists the passes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+#include <utility>
+
+#include "../ghost_common.h"
+
+namespace ghostops::cuda {
+
+// Threads a block of the plane kernels: one output pixel each, a tile of a (image, channel)
+// plane per block.
+constexpr int kPlaneThreads = 256;
+
+// Sizes of a training call. z1 (and the float buffers of the backward) are contiguous
+// (N, init or ghost, P); s?n..s?w are the element strides of y (forward) or grad_y (backward).
+struct TrainParams {
+  int64_t N, Ho, Wo, P, init, ghost, new_ch, per, d;
+  int64_t syn, syc, syh, syw;
+};
+
+// x1 = act(z1 sc + sh) at (hi, wi) of the contiguous Ho x Wo plane z, zero outside the map
+// (the cheap op's zero padding).
+template <Act A>
+__device__ __forceinline__ float x1_at(const float* z, int64_t hi, int64_t wi,
+                                       const TrainParams& p, float sc, float sh) {
+  if (hi < 0 || hi >= p.Ho || wi < 0 || wi >= p.Wo) return 0.f;
+  return activate<A>(fmaf(z[hi * p.Wo + wi], sc, sh));
+}
+
+// z2 at (ho, wo): the d x d depthwise conv (weights w, row-major taps) of x1 recomputed from
+// the plane z.
+template <Act A>
+__device__ __forceinline__ float z2_at(const float* z, const float* w, int64_t ho, int64_t wo,
+                                       const TrainParams& p, float sc, float sh) {
+  const int64_t h = p.d / 2;
+  float acc = 0.f;
+  for (int64_t t = 0; t < p.d * p.d; ++t) {
+    acc = fmaf(w[t], x1_at<A>(z, ho + t / p.d - h, wo + t % p.d - h, p, sc, sh), acc);
+  }
+  return acc;
+}
+
+// The sum of v over the block (kPlaneThreads threads), returned to every thread, in a fixed
+// order (so results do not depend on timing). Every thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[kPlaneThreads / 32];
+  __shared__ float total;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  __syncthreads();  // the previous call's readers are done with partial and total
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPlaneThreads / 32; ++i) s += partial[i];
+    total = s;
+  }
+  __syncthreads();
+  return total;
+}
+
+// The (image, channel) plane and the pixel of this thread in a plane kernel whose grid is
+// (images x channels, pixel tiles) of kPlaneThreads pixels.
+struct PlaneIndex {
+  int64_t n, ch, q, ho, wo;
+  bool ok;  // q inside the plane
+};
+
+__device__ __forceinline__ PlaneIndex plane_index(int64_t channels, const TrainParams& p) {
+  PlaneIndex i;
+  i.n = int64_t(blockIdx.x) / channels;
+  i.ch = int64_t(blockIdx.x) % channels;
+  i.q = int64_t(blockIdx.y) * kPlaneThreads + threadIdx.x;
+  i.ok = i.q < p.P;
+  i.ho = i.ok ? i.q / p.Wo : 0;
+  i.wo = i.ok ? i.q % p.Wo : 0;
+  return i;
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Values per tile when `total` values are cut into tiles of `block`: (tiles,) float64.
+inline at::Tensor tile_counts(int64_t total, int64_t block, const at::Tensor& like) {
+  const at::Tensor starts =
+      at::arange(cdiv(total, block), like.options().dtype(at::kDouble)) * double(block);
+  return (double(total) - starts).clamp_max(double(block));
+}
+
+// Per-channel mean and biased variance (float32) from per-tile (mean, M2) rows (rows, C) of
+// counts (rows,) values each (Chan et al.), combined in float64.
+inline std::pair<at::Tensor, at::Tensor> combine_moments(const at::Tensor& mean,
+                                                          const at::Tensor& m2,
+                                                          const at::Tensor& counts) {
+  const at::Tensor c = counts.unsqueeze(1);
+  const at::Tensor total = counts.sum();
+  const at::Tensor mean64 = mean.to(at::kDouble);
+  const at::Tensor mu = (mean64 * c).sum(0) / total;
+  const at::Tensor m2_64 = m2.to(at::kDouble).sum(0) + (c * (mean64 - mu).square()).sum(0);
+  return {mu.to(at::kFloat), (m2_64 / total).to(at::kFloat)};
+}
+
+// A BatchNorm with these batch statistics as x -> scale x + shift, float32: (scale, shift,
+// invstd). The forward and the backward derive it here from the same statistics, so they
+// recompute alike.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(const at::Tensor& mean,
+                                                                 const at::Tensor& var,
+                                                                 const at::Tensor& gamma,
+                                                                 const at::Tensor& beta,
+                                                                 double eps) {
+  const at::Tensor invstd = at::rsqrt(var.to(at::kFloat) + eps);
+  const at::Tensor scale = (gamma.to(at::kFloat) * invstd).contiguous();
+  const at::Tensor shift = (beta.to(at::kFloat) - mean.to(at::kFloat) * scale).contiguous();
+  return {scale, shift, invstd.contiguous()};
+}
+
+// Calls f(T{}) for x's dtype: float, half or bfloat16 (float64 runs the reference).
+template <typename F>
+void dispatch_train_dtype(const char* op, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, float16 or bfloat16 on the GPU, got ", dtype,
+                  " (ghostops runs other dtypes through the reference)");
+  }
+}
+
+}  // namespace ghostops::cuda
