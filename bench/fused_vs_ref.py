@@ -379,8 +379,9 @@ def bench_module(
 
 def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
     """(label, backend, environment) of each way ghostops runs a GPU module here: the Triton
-    backend in each of its eval forms (``GHOSTOPS_TRITON_EVAL``) and the CUDA C++ backend, those
-    available. None on the CPU, where the fused time is the ``cpu`` backend's."""
+    and the CUDA C++ backends, those available, each in both of its eval forms
+    (``GHOSTOPS_TRITON_EVAL``, ``GHOSTOPS_CUDA_EVAL``). None on the CPU, where the fused time is
+    the ``cpu`` backend's."""
     if device.type != "cuda":
         return []
     available = ghostops.available_backends()
@@ -389,7 +390,8 @@ def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
         runs += [(f"triton {f}", "triton", {"GHOSTOPS_TRITON_EVAL": f})
                  for f in ("one_pass", "two_kernels")]  # fmt: skip
     if "cuda" in available:
-        runs.append(("cuda", "cuda", {}))
+        runs += [(f"cuda {f}", "cuda", {"GHOSTOPS_CUDA_EVAL": f})
+                 for f in ("one_pass", "two_kernels")]  # fmt: skip
     return runs
 
 

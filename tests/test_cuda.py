@@ -46,15 +46,20 @@ CASES = [
     Case(7, 9, 15, 17, stride=2, strided_input=True),
     Case(160, 960, 7, 7, batch=32),
     Case(16, 48, 112, 112, batch=8),
+    Case(4, 9, 6, 7, ratio=4, dw_size=7, relu=False),
+    Case(20, 200, 19, 37, ratio=3, channels_last=True),  # several channel blocks and tiles
+    Case(8, 12, 10, 9, dw_size=9),  # d 9: the two-kernel form whatever is forced
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["f32", "f16", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("form", ["one_pass", "two_kernels"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")
-def test_cuda_eval_matches_reference(case, dtype):
+def test_cuda_eval_matches_reference(case, dtype, form, monkeypatch):
+    monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", form)
     x, params = make_args(case, torch.float32)
     x, params = x.cuda().to(dtype), [t.cuda().to(dtype) for t in params]
     if case.channels_last:
@@ -178,3 +183,13 @@ def test_training_fake_matches_the_cuda_kernels_dtypes(dtype):
     assert y.dtype == dtype and y.shape == (2, 10, 5, 5)
     assert z1.dtype == torch.float32 and z1.shape == (2, 5, 5, 5)
     assert [s.dtype for s in stats] == [torch.float32] * 4
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_eval_form_override_is_checked(monkeypatch):
+    case = Case(6, 10, 5, 5)
+    x, p = make_args(case)
+    monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", "fast")
+    with pytest.raises(RuntimeError, match="GHOSTOPS_CUDA_EVAL='fast'"):
+        run_fused(case, x.cuda(), [t.cuda() for t in p])
