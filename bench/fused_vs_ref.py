@@ -380,8 +380,8 @@ def bench_module(
 def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
     """(label, backend, environment) of each way ghostops runs a GPU module here: the Triton
     and the CUDA C++ backends, those available, each in both of its eval forms
-    (``GHOSTOPS_TRITON_EVAL``, ``GHOSTOPS_CUDA_EVAL``). None on the CPU, where the fused time is
-    the ``cpu`` backend's."""
+    (``GHOSTOPS_TRITON_EVAL``, ``GHOSTOPS_CUDA_EVAL``). Empty on the CPU, where the fused time
+    is the ``cpu`` backend's."""
     if device.type != "cuda":
         return []
     available = ghostops.available_backends()
@@ -398,14 +398,15 @@ def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
 def module_variants(
     h: Harness, shape: ModuleShape, ref: nn.Module, fused: nn.Module, x, y_ref
 ) -> dict[str, float]:
-    """Other ways to compute the shape, timed like the fused module, in ms (each output checked
-    against the reference's first): ``dense``, the 1x1 Conv-BN-ReLU with the same in / out
-    channels that a Ghost module replaces; ``compile(ref)``, ``torch.compile`` of the reference
-    module; and on a GPU ghostops under each backend and eval form (``gpu_backend_runs``)."""
+    """Other ways to compute the shape, timed like the fused module, in ms (each output but the
+    dense layer's, which has other weights, checked against the reference's first): ``dense``,
+    the 1x1 Conv-BN(-ReLU, where the module has it) with the same in / out channels that a
+    Ghost module replaces; ``compile(ref)``, ``torch.compile`` of the reference module; and on a
+    GPU ghostops under each backend and eval form (``gpu_backend_runs``)."""
     dense = nn.Sequential(
         nn.Conv2d(shape.in_channels, shape.out_channels, 1, bias=False),
         nn.BatchNorm2d(shape.out_channels),
-        nn.ReLU(inplace=True),
+        nn.ReLU(inplace=True) if shape.relu else nn.Identity(),
     )
     dense = h.prepare(randomize_batchnorm(dense))
     dense(x)
@@ -1020,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[{i:>2}/{len(cases)}] batch {batch:>3} {shape.label:<22} "
                 f"ref {fmt_ms(row['ref_ms']):>7} ms  fused {fmt_ms(row['fused_ms']):>7} ms  "
                 f"{row['speedup']:.2f}x"
+                + "".join(f"  {k} {fmt_ms(v)}" for k, v in row.get("variants", {}).items())
             )
         if model_batches:
             try:

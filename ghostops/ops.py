@@ -69,7 +69,7 @@ def _register_fakes() -> None:
         grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
         grad_w = x.new_empty(primary_weight.shape if output_mask[1] else (0,))
         return (grad_x, grad_w, torch.empty_like(bn1_weight), torch.empty_like(bn1_bias),
-                torch.empty_like(cheap_weight), torch.empty_like(bn2_weight),
+                cheap_weight.new_empty(cheap_weight.shape), torch.empty_like(bn2_weight),
                 torch.empty_like(bn2_bias))  # fmt: skip
 
     @torch.library.register_fake(f"{_LIB}::dw_bn_eval")
@@ -221,8 +221,9 @@ def _check_args(x, primary_weight, cheap_weight, oup, ratio, dw_size, stride) ->
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` runs convs in on x's device where it is on, else None (for
-    devices without autocast too: meta tensors, for one)."""
+    """The dtype ``torch.autocast`` runs convs in on x's device where it is on, else None; None
+    also on devices ghostops runs no fused op on (anything but CPU and CUDA: meta tensors, for
+    one, where asking autocast raises)."""
     device = x.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return None
@@ -283,9 +284,10 @@ def ghost_module(
     one_by_one = primary_weight.shape[-1] == 1
     # The C++ CPU kernels: eval and training, float32 / float64 (other dtypes: the reference).
     fused = backend == "cpu" and one_by_one and x.dtype in (torch.float32, torch.float64)
-    # The CUDA C++ kernels: eval any floating dtype, training float32 / float16 / bfloat16.
-    gpu_dtypes = (torch.float32, torch.float16, torch.bfloat16)  # float32 math inside
-    cuda = backend == "cuda" and one_by_one
+    # The GPU kernels (CUDA C++, Triton): float32 / float16 / bfloat16 with float32 math inside;
+    # float64 runs the reference.
+    gpu_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    cuda = backend == "cuda" and one_by_one and x.dtype in gpu_dtypes
     fused_eval = fused or cuda
     expected = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
     if expected is not None and x.device.type != expected:
@@ -297,7 +299,7 @@ def ghost_module(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
     )
-    if (fused or (cuda and x.dtype in gpu_dtypes)) and batch_stats:
+    if (fused or cuda) and batch_stats:
         return _forward_train(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
@@ -308,7 +310,9 @@ def ghost_module(
             update_running=training and has_running,
             op=torch.ops.ghostops.ghost_forward_train_triton,
         )  # fmt: skip
-    triton_eval = backend == "triton" and one_by_one and not batch_stats
+    # Triton eval: float32 / float16 / bfloat16 (its GEMM runs in the input's dtype on the
+    # tensor cores, which have no float64 path there): float64 runs the reference.
+    triton_eval = backend == "triton" and one_by_one and not batch_stats and x.dtype in gpu_dtypes
     if triton_eval and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval_triton(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,

@@ -82,9 +82,12 @@ def test_eval_bfloat16_matches_reference():
     assert y.dtype == torch.bfloat16 and rel_err(y.cpu(), ref) < 2e-2
 
 
-def test_eval_plan_takes_one_pass_for_thin_primaries():
-    """The heuristic's choices on GhostNet's shapes in float16, and the env override."""
+def test_eval_plan_takes_one_pass_for_thin_primaries(monkeypatch):
+    """The heuristic's choices on GhostNet's shapes in float16 (and float32, at half the
+    limit), and its block sizes."""
     from ghostops.backends.triton_kernels import eval_plan
+
+    monkeypatch.delenv("GHOSTOPS_TRITON_EVAL", raising=False)
 
     def form(inp, oup):
         init = -(-oup // 2)
@@ -92,8 +95,13 @@ def test_eval_plan_takes_one_pass_for_thin_primaries():
 
     assert [form(16, 16), form(16, 48), form(24, 72), form(72, 24)] == ["one_pass"] * 4
     assert [form(240, 80), form(80, 480), form(960, 160)] == ["two_kernels"] * 3
+    # float32: 58 flops a byte for 72->40 (28x28), under the float16 limit, over float32's
+    assert eval_plan(72, 20, 40, 20, 3, 4)["form"] == "two_kernels"
+    assert eval_plan(24, 36, 72, 36, 3, 4)["form"] == "one_pass"  # 41 flops a byte
     plan = eval_plan(960, 80, 160, 80, 3, 2)
-    assert (plan["BLOCK_M"], plan["BLOCK_K"]) == (64, 64)
+    assert (plan["BLOCK_M"], plan["BLOCK_K"], plan["num_warps"]) == (64, 64, 4)
+    plan = eval_plan(24, 36, 72, 36, 3, 2)  # one pass: at most 32 rows, then 8 warps
+    assert (plan["form"], plan["BLOCK_M"], plan["num_warps"]) == ("one_pass", 32, 8)
     assert eval_plan(6, 5, 10, 5, 3, 4)["BLOCK_M"] == 16
 
 
@@ -136,6 +144,38 @@ def test_module_under_autocast(train, monkeypatch):
                                    rtol=1e-2, atol=1e-3)  # fmt: skip
     else:
         assert calls == [torch.bfloat16]  # the kernel ran, on the cast input
+
+
+def test_eval_float64_runs_the_reference(monkeypatch):
+    """The Triton GEMM has no float64 path on a GPU (tl.dot's float64 result would not fit its
+    float32 accumulator): float64 stays on the exact reference, and the op says so if called."""
+    eval_op, calls = torch.ops.ghostops.ghost_forward_eval_triton, []
+    monkeypatch.setattr(torch.ops.ghostops, "ghost_forward_eval_triton",
+                        lambda *a: calls.append(a[0].dtype) or eval_op(*a))  # fmt: skip
+    m = ghostops.GhostModule(6, 10).to(DEVICE, torch.float64).eval()
+    x = torch.randn(2, 6, 5, 7, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad(), ghostops.use_backend("triton"):
+        y = m(x)
+    assert calls == [] and y.dtype == torch.float64
+    case = Case(6, 10, 5, 7)
+    x, params = make_args(case, torch.float64)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        run_fused(case, x.to(DEVICE), [t.to(DEVICE) for t in params], op=eval_op)
+
+
+def test_kernels_compile_for_a_gpu():
+    """Every Triton kernel compiled for sm_90 (H100) through Triton's ahead-of-time path, in a
+    subprocess without the interpreter (tests/triton_gpu_compile.py): what only a real compile
+    rejects, such as a float64 tl.dot against a float32 accumulator, fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("triton_gpu_compile.py")
+    run = subprocess.run([sys.executable, str(script), "--dtypes", "fp16", "bf16", "fp32"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("ok   sm_90") == 36, run.stdout
 
 
 def test_module_uses_triton_backend_when_forced():

@@ -22,7 +22,8 @@ namespace ghostops::cuda {
 namespace {
 
 // BN2's side of the backward at one pixel of ghost channel j: ga2 = dy2 act'(a2) and x2hat,
-// zero for pixels outside the plane.
+// zero for pixels outside the plane. z2 is rounded to T first, as the forward stored it in y
+// before BN2 and the activation (f2 / f3): the ReLU mask then is the forward's.
 struct GhostGrad {
   float ga, xh;
 };
@@ -35,8 +36,8 @@ __device__ __forceinline__ GhostGrad ghost_grad(
     const float* __restrict__ mean2, const float* __restrict__ invstd2, const TrainParams& p) {
   if (!i.ok) return {0.f, 0.f};
   const int64_t j = i.ch, c = j / p.per;
-  const float z2 = z2_at<A>(z1 + (i.n * p.init + c) * p.P, w2 + j * p.d * p.d, i.ho, i.wo, p,
-                            sc1[c], sh1[c]);
+  const float z2 = static_cast<float>(static_cast<T>(z2_at<A>(
+      z1 + (i.n * p.init + c) * p.P, w2 + j * p.d * p.d, i.ho, i.wo, p, sc1[c], sh1[c])));
   float ga = static_cast<float>(
       gy[i.n * p.syn + (p.init + j) * p.syc + i.ho * p.syh + i.wo * p.syw]);
   if constexpr (A == Act::ReLU) ga = fmaf(z2, sc2[j], sh2[j]) > 0.f ? ga : 0.f;
@@ -76,16 +77,18 @@ __global__ void __launch_bounds__(kPlaneThreads)
            TrainParams p) {
   const PlaneIndex i = plane_index(p.ghost, p);
   const GhostGrad gg = ghost_grad<T, A>(i, z1, gy, w2, sc1, sh1, sc2, sh2, mean2, invstd2, p);
-  const int64_t j = i.ch, c = j / p.per, h = p.d / 2;
+  const int64_t j = i.ch, c = j / p.per;
+  const int d = int(p.d), h = d / 2;
   const float dz = i.ok ? k2[j] * (gg.ga - mg2[j] - gg.xh * mx2[j]) : 0.f;
   if (i.ok) dz2[(i.n * p.ghost + j) * p.P + i.q] = dz;
   const float* z = z1 + (i.n * p.init + c) * p.P;
-  const int64_t part = ((i.n * gridDim.y + blockIdx.y) * p.ghost + j) * p.d * p.d;
-  for (int64_t t = 0; t < p.d * p.d; ++t) {
-    const float v =
-        i.ok ? x1_at<A>(z, i.ho + t / p.d - h, i.wo + t % p.d - h, p, sc1[c], sh1[c]) : 0.f;
-    const float s = block_sum(dz * v);
-    if (threadIdx.x == 0) dw_part[part + t] = s;
+  const int64_t part = ((i.n * gridDim.y + blockIdx.y) * p.ghost + j) * d * d;
+  for (int dy = 0; dy < d; ++dy) {
+    for (int dx = 0; dx < d; ++dx) {
+      const float v = i.ok ? x1_at<A>(z, i.ho + dy - h, i.wo + dx - h, p, sc1[c], sh1[c]) : 0.f;
+      const float s = block_sum(dz * v);
+      if (threadIdx.x == 0) dw_part[part + dy * d + dx] = s;
+    }
   }
 }
 
@@ -99,7 +102,8 @@ __global__ void __launch_bounds__(kPlaneThreads)
            float* __restrict__ ga1, float* __restrict__ sum_ga, float* __restrict__ sum_gx,
            TrainParams p) {
   const PlaneIndex i = plane_index(p.init, p);
-  const int64_t c = i.ch, h = p.d / 2;
+  const int64_t c = i.ch;
+  const int d = int(p.d), h = d / 2;
   float ga = 0.f, xh = 0.f;
   if (i.ok) {
     float dx =
@@ -108,10 +112,14 @@ __global__ void __launch_bounds__(kPlaneThreads)
       const int64_t j = c * p.per + jj;
       if (j >= p.ghost) break;
       const float* plane = dz2 + (i.n * p.ghost + j) * p.P;
-      for (int64_t t = 0; t < p.d * p.d; ++t) {  // the transposed conv: taps from the far side
-        const int64_t hi = i.ho - (t / p.d - h), wi = i.wo - (t % p.d - h);
-        if (hi < 0 || hi >= p.Ho || wi < 0 || wi >= p.Wo) continue;
-        dx = fmaf(w2[j * p.d * p.d + t], plane[hi * p.Wo + wi], dx);
+      for (int ty = 0; ty < d; ++ty) {  // the transposed conv: taps from the far side
+        const int64_t hi = i.ho - (ty - h);
+        if (hi < 0 || hi >= p.Ho) continue;
+        for (int tx = 0; tx < d; ++tx) {
+          const int64_t wi = i.wo - (tx - h);
+          if (wi < 0 || wi >= p.Wo) continue;
+          dx = fmaf(w2[(j * d + ty) * d + tx], plane[hi * p.Wo + wi], dx);
+        }
       }
     }
     const int64_t e = (i.n * p.init + c) * p.P + i.q;
@@ -166,6 +174,9 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   check_vector(op, mean2, "mean2", new_ch, x, VectorDtype::AnyFloat);
   check_vector(op, var2, "var2", new_ch, x, VectorDtype::AnyFloat);
   TORCH_CHECK(M > 0, op, ": needs at least one output pixel");
+  TORCH_CHECK(cdiv(P, kPlaneThreads) <= 65535, op, ": maps of more than ",
+              65535 * kPlaneThreads, " output pixels are not supported, got ", s.out_h, "x",
+              s.out_w);
   const Act activation = parse_act(std::string(act));
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -240,32 +251,36 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   });
   const at::Tensor dbeta1 = sum_ga1.sum(0), dgamma1 = sum_gx1.sum(0);
 
-  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs.
-  const at::Tensor k1 = (bn1_weight.to(at::kFloat) * invstd1).unsqueeze(1);
-  const at::Tensor x1hat =
-      (z.reshape({s.batch, s.init, P}) - mean1f.unsqueeze(1)) * invstd1.unsqueeze(1);
-  const at::Tensor dz1 =
-      k1 * (ga1 - (dbeta1 / double(M)).unsqueeze(1) - x1hat * (dgamma1 / double(M)).unsqueeze(1));
-  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).to(at::kFloat);
+  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs, where
+  // their gradients are asked for. Outputs contiguous, as the CPU kernel's and the fake's.
   at::Tensor grad_x = x.new_empty({0}), grad_w1 = x.new_empty({0});
-  if (output_mask[0]) {
-    const at::Tensor gxs =
-        at::matmul(w1.t(), dz1).reshape({s.batch, s.inp, s.out_h, s.out_w}).to(x.scalar_type());
-    if (stride == 1) {
-      grad_x = gxs.contiguous(x.suggest_memory_format());
-    } else {
-      grad_x = at::zeros_like(x);
-      grad_x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).copy_(gxs);
+  if (output_mask[0] || output_mask[1]) {
+    const at::Tensor k1 = (bn1_weight.to(at::kFloat) * invstd1).unsqueeze(1);
+    const at::Tensor x1hat =
+        (z.reshape({s.batch, s.init, P}) - mean1f.unsqueeze(1)) * invstd1.unsqueeze(1);
+    const at::Tensor mean_ga1 = (dbeta1 / double(M)).unsqueeze(1);
+    const at::Tensor dz1 = k1 * (ga1 - mean_ga1 - x1hat * (dgamma1 / double(M)).unsqueeze(1));
+    const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).to(at::kFloat);
+    if (output_mask[0]) {
+      const at::Tensor gxs = at::matmul(w1.t(), dz1)
+                                 .reshape({s.batch, s.inp, s.out_h, s.out_w})
+                                 .to(x.scalar_type());
+      if (stride == 1) {
+        grad_x = gxs.contiguous();
+      } else {
+        grad_x = at::zeros(x.sizes(), x.options());
+        grad_x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).copy_(gxs);
+      }
     }
-  }
-  if (output_mask[1]) {
-    const at::Tensor xs = x.slice(2, 0, s.height, stride)
-                              .slice(3, 0, s.width, stride)
-                              .reshape({s.batch, s.inp, P})
-                              .to(at::kFloat);
-    grad_w1 = at::einsum("nip,ncp->ic", {dz1, xs})
-                  .reshape(primary_weight.sizes())
-                  .to(primary_weight.scalar_type());
+    if (output_mask[1]) {
+      const at::Tensor xs = x.slice(2, 0, s.height, stride)
+                                .slice(3, 0, s.width, stride)
+                                .reshape({s.batch, s.inp, P})
+                                .to(at::kFloat);
+      grad_w1 = at::einsum("nip,ncp->ic", {dz1, xs})
+                    .reshape(primary_weight.sizes())
+                    .to(primary_weight.scalar_type());
+    }
   }
   return {grad_x,
           grad_w1,

@@ -23,7 +23,7 @@ template <typename T>
 __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
                                                   const float* __restrict__ w,
                                                   const GemmShape& g, float (&acc)[2][4]) {
-  __shared__ float ws[kTileK][kTileM];
+  __shared__ float ws[kTileK][kTileM + 1];  // + 1: the k-fastest stores hit distinct banks
   __shared__ float xs[kTileK][kTileP];
   const int64_t P = g.Ho * g.Wo, n_pix = g.N * P;
   const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;

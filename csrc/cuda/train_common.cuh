@@ -41,10 +41,12 @@ __device__ __forceinline__ float x1_at(const float* z, int64_t hi, int64_t wi,
 template <Act A>
 __device__ __forceinline__ float z2_at(const float* z, const float* w, int64_t ho, int64_t wo,
                                        const TrainParams& p, float sc, float sh) {
-  const int64_t h = p.d / 2;
+  const int d = int(p.d), h = d / 2;
   float acc = 0.f;
-  for (int64_t t = 0; t < p.d * p.d; ++t) {
-    acc = fmaf(w[t], x1_at<A>(z, ho + t / p.d - h, wo + t % p.d - h, p, sc, sh), acc);
+  for (int dy = 0; dy < d; ++dy) {
+    for (int dx = 0; dx < d; ++dx) {
+      acc = fmaf(w[dy * d + dx], x1_at<A>(z, ho + dy - h, wo + dx - h, p, sc, sh), acc);
+    }
   }
   return acc;
 }

@@ -47,7 +47,8 @@ _FORMS = ("auto", "one_pass", "two_kernels")
 # this many flops per byte of the module's own traffic (x read, y written). GhostNet at fp16:
 # 36-81 on the 112x112 and 56x56 modules, 116-154 at 28x28, 250 and more at 14x14 and 7x7. An
 # H100 does about 300 dense fp16 tensor-core flops per byte of HBM traffic at peak, and small
-# tl.dot tiles reach a fraction of that: a first guess, to be tuned on a GPU.
+# tl.dot tiles reach a fraction of that: a first guess, to be tuned on a GPU. Halved for
+# float32, whose tl.dot runs as TF32 at half the fp16 rate.
 ONE_PASS_MAX_FLOPS_PER_BYTE = 96
 
 
@@ -199,25 +200,35 @@ def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) ->
     """The eval kernels' form and block sizes for a shape (a heuristic, documented here; the
     benchmark and ``GHOSTOPS_TRITON_EVAL`` are how a GPU session checks it):
 
-    - ``one_pass`` while its GEMM recompute, ``new * inp * 2 * d * d`` flops per output pixel,
-      stays within ``ONE_PASS_MAX_FLOPS_PER_BYTE`` of the ``(inp + oup) * itemsize`` bytes the
-      module moves per output pixel; else ``two_kernels``.
-    - Row blocks (channels) of 16-64, the power of two that covers them where it can, so small
-      modules do not compute empty rows; K blocks of 16-64 (GhostNet's thin primaries in one
-      slice); 64 pixels a tile (128 for the plane kernel of the cheap op).
+    - ``one_pass`` while its GEMM recompute, ``new * inp * 2 * d * d`` flops per output pixel
+      (rows are ghost channels: ratio > 2 repeats each intrinsic row ratio - 1 times), stays
+      within ``ONE_PASS_MAX_FLOPS_PER_BYTE`` (half that for float32) of the
+      ``(inp + oup) * itemsize`` bytes the module moves per output pixel; else ``two_kernels``.
+    - Row blocks (channels) of 16-64 (16-32 in one pass, whose nine unrolled taps would spill
+      registers at 64 rows: 1.1 KB a thread for 24->72 in a compile for sm_90), the power of two
+      that covers them where it can, so small modules do not compute empty rows; K blocks of
+      16-64; 64 pixels a tile (128 for the plane kernel of the cheap op); 8 warps in one pass
+      (with 4, float32 72->24 spilled 500 bytes a thread), else 4. ``python
+      tests/triton_gpu_compile.py`` prints each kernel's registers and spills for sm_90.
+
+    Under torch.compile the form is chosen when the graph is traced (the variable read then).
     """
     form = os.environ.get(_FORM_ENV, "auto")
     if form not in _FORMS:
         raise ValueError(f"{_FORM_ENV}={form!r}: expected one of {_FORMS}")
     if form == "auto":
         intensity = new * inp * 2 * d * d / ((inp + oup) * itemsize)
-        form = "one_pass" if intensity <= ONE_PASS_MAX_FLOPS_PER_BYTE else "two_kernels"
-    rows = new if form == "one_pass" else init
+        limit = ONE_PASS_MAX_FLOPS_PER_BYTE / (2 if itemsize == 4 else 1)
+        form = "one_pass" if intensity <= limit else "two_kernels"
+    one_pass = form == "one_pass"
+    rows = triton.next_power_of_2(new if one_pass else init)
+    block_m = max(16, min(32 if one_pass else 64, rows))
     return {
         "form": form,
-        "BLOCK_M": max(16, min(64, triton.next_power_of_2(rows))),
+        "BLOCK_M": block_m,
         "BLOCK_K": max(16, min(64, triton.next_power_of_2(inp))),
         "BLOCK_P": 64,
+        "num_warps": 8 if one_pass else 4,
     }
 
 
@@ -240,7 +251,18 @@ def ghost_forward_eval_triton(
     stride: int,
     act: str,
 ) -> torch.Tensor:
-    """Eval-mode Ghost module, the same contract as ``ghostops::ghost_forward_eval``."""
+    """Eval-mode Ghost module, the same contract as ``ghostops::ghost_forward_eval``, for
+    float32 / float16 / bfloat16 x with conv weights of x's dtype (``ghost_module`` sends
+    float64 to the reference)."""
+    torch._check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and primary_weight.dtype == x.dtype
+        and cheap_weight.dtype == x.dtype,
+        lambda: (
+            "ghost_forward_eval_triton: x must be float32, float16 or bfloat16 with conv "
+            f"weights of its dtype, got {x.dtype}, {primary_weight.dtype}, {cheap_weight.dtype}"
+        ),
+    )
     n, inp, h, w = x.shape
     init, new = primary_weight.shape[0], cheap_weight.shape[0]
     ghost = oup - init
@@ -257,7 +279,7 @@ def ghost_forward_eval_triton(
     relu = act == "relu"
     P = ho * wo
     plan = eval_plan(inp, init, oup, new, d, x.element_size())
-    blocks = {k: plan[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_P")}
+    blocks = {k: plan[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_P", "num_warps")}
     blocks["DOT_F32"] = dot_in_float32(x)
     tiles = triton.cdiv(n * P, plan["BLOCK_P"])
     if plan["form"] == "one_pass":

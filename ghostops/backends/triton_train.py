@@ -135,6 +135,8 @@ def _ghost_grads(
     c = j // PER
     z2 = _z2_tile(z_ptr + (n * INIT + c) * P, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo,
                   tl.load(sc1_ptr + c), tl.load(sh1_ptr + c), D, RELU)  # fmt: skip
+    # z2 rounded to y's dtype, as F2 stored it before F3's BN2 + act: the forward's ReLU mask.
+    z2 = z2.to(gy_ptr.dtype.element_ty).to(tl.float32)
     g = tl.load(gy_ptr + n * sgn + (INIT + j) * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
     ga = g.to(tl.float32)
     if RELU:
