@@ -174,9 +174,7 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   check_vector(op, mean2, "mean2", new_ch, x, VectorDtype::AnyFloat);
   check_vector(op, var2, "var2", new_ch, x, VectorDtype::AnyFloat);
   TORCH_CHECK(M > 0, op, ": needs at least one output pixel");
-  TORCH_CHECK(cdiv(P, kPlaneThreads) <= 65535, op, ": maps of more than ",
-              65535 * kPlaneThreads, " output pixels are not supported, got ", s.out_h, "x",
-              s.out_w);
+  check_plane_grid(op, s);
   const Act activation = parse_act(std::string(act));
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -132,9 +132,7 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   const int64_t P = s.out_h * s.out_w, M = s.batch * P;
   TORCH_CHECK(M > 0, op, ": batch statistics need at least one output pixel, got x of ",
               x.sizes());
-  TORCH_CHECK(cdiv(P, kPlaneThreads) <= 65535, op, ": maps of more than ",
-              65535 * kPlaneThreads, " output pixels are not supported, got ", s.out_h, "x",
-              s.out_w);
+  check_plane_grid(op, s);
   const Act activation = parse_act(std::string(act));
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

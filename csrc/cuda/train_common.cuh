@@ -91,6 +91,14 @@ __device__ __forceinline__ PlaneIndex plane_index(int64_t channels, const TrainP
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The plane kernels' grid is (images x channels, pixel tiles): a map's tiles must fit in
+// gridDim.y.
+inline void check_plane_grid(const char* op, const GhostShape& s) {
+  TORCH_CHECK(cdiv(s.out_h * s.out_w, kPlaneThreads) <= 65535, op, ": maps of more than ",
+              65535 * kPlaneThreads, " output pixels are not supported, got ", s.out_h, "x",
+              s.out_w);
+}
+
 // Values per tile when `total` values are cut into tiles of `block`: (tiles,) float64.
 inline at::Tensor tile_counts(int64_t total, int64_t block, const at::Tensor& like) {
   const at::Tensor starts =
