@@ -299,21 +299,17 @@ def ghost_module(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *params)
     )
-    if (fused or cuda) and batch_stats:
+    # Training ops: the C++ one (CPU and CUDA kernels behind one op), or Triton's.
+    triton = backend == "triton" and one_by_one and x.dtype in gpu_dtypes
+    if batch_stats and (fused or cuda or triton):
         return _forward_train(
             x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
             update_running=training and has_running,
-        )  # fmt: skip
-    if backend == "triton" and one_by_one and batch_stats and x.dtype in gpu_dtypes:
-        return _forward_train(
-            x, *params, oup=oup, stride=stride, act=act, momentum=momentum, eps=eps,
-            update_running=training and has_running,
-            op=torch.ops.ghostops.ghost_forward_train_triton,
+            op=torch.ops.ghostops.ghost_forward_train_triton if triton else None,
         )  # fmt: skip
     # Triton eval: float32 / float16 / bfloat16 (its GEMM runs in the input's dtype on the
     # tensor cores, which have no float64 path there): float64 runs the reference.
-    triton_eval = backend == "triton" and one_by_one and not batch_stats and x.dtype in gpu_dtypes
-    if triton_eval and has_running and not needs_grad:
+    if triton and not batch_stats and has_running and not needs_grad:
         return torch.ops.ghostops.ghost_forward_eval_triton(
             x, primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, eps,
             cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, eps, oup, stride, act,

@@ -190,10 +190,14 @@ def _one_pass_kernel(
     tl.store(y_ptr + y2, x2.to(y_ptr.dtype.element_ty), mask=(j < GHOST)[:, None] & ok[None, :])
 
 
-def bn_scale_shift(gamma, beta, mean, var, eps):
-    """An eval BatchNorm as float32 (scale, shift): x -> scale x + shift."""
-    scale = gamma.float() * torch.rsqrt(var.float() + eps)
-    return scale.contiguous(), (beta.float() - mean.float() * scale).contiguous()
+def bn_affine(mean, var, gamma, beta, eps):
+    """A BatchNorm with these statistics (running ones in eval, the batch's in training) as
+    x -> scale x + shift, float32: (scale, shift, invstd). The training forward and backward
+    (triton_train.py) derive it here from the same rounded statistics, so they recompute
+    alike."""
+    invstd = torch.rsqrt(var.float() + eps)
+    scale = gamma.float() * invstd
+    return scale.contiguous(), (beta.float() - mean.float() * scale).contiguous(), invstd
 
 
 def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) -> dict:
@@ -273,8 +277,8 @@ def ghost_forward_eval_triton(
     if y.numel() == 0:
         return y
     w1 = primary_weight.reshape(init, inp).contiguous()
-    sc1, sh1 = bn_scale_shift(bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps)
-    sc2, b2 = bn_scale_shift(bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps)
+    sc1, sh1, _ = bn_affine(bn1_mean, bn1_var, bn1_weight, bn1_bias, bn1_eps)
+    sc2, b2, _ = bn_affine(bn2_mean, bn2_var, bn2_weight, bn2_bias, bn2_eps)
     w2 = (cheap_weight.reshape(new, d * d).float() * sc2[:, None]).contiguous()
     relu = act == "relu"
     P = ho * wo

@@ -35,7 +35,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ghostops import ops as _ops
-from ghostops.backends.triton_kernels import _act, dot_in_float32, plane_tile, primary_gemm_tile
+from ghostops.backends.triton_kernels import (
+    _act,
+    _pixel_tile,
+    bn_affine,
+    dot_in_float32,
+    plane_tile,
+    primary_gemm_tile,
+)
 from ghostops.ops import output_size
 
 BLOCK_P = 64  # pixels per tile of the plane kernels
@@ -69,11 +76,9 @@ def _f1_primary(
     """z[n, m, q] = sum_k w[m, k] x[n, k, q strided]; the tile's mean / M2 per channel."""
     pid_p = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix = pid_p * BLOCK + tl.arange(0, BLOCK)
-    ok = pix < n_pix
-    n = pix // P
-    q = pix % P
-    x_pix = n * sxn + (q // Wo * stride) * sxh + (q % Wo * stride) * sxw
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK)
+    q = ho * Wo + wo
+    x_pix = n * sxn + (ho * stride) * sxh + (wo * stride) * sxw
     acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK,
                             DOT_F32)  # fmt: skip
     row_ok = rows < M
@@ -272,14 +277,6 @@ def _combine(mean: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor):
     return mean64, m2_64 / total
 
 
-def _bn_affine(mean, var, gamma, beta, eps):
-    """x -> scale x + shift of a BatchNorm with these batch statistics, float32. Forward and
-    backward derive it here from the same rounded statistics, so they recompute alike."""
-    invstd = torch.rsqrt(var.float() + eps)
-    scale = gamma.float() * invstd
-    return scale, beta.float() - mean.float() * scale, invstd
-
-
 def _tile_counts(n_pix: int, device) -> torch.Tensor:
     blocks = triton.cdiv(n_pix, BLOCK_P)
     return (n_pix - torch.arange(blocks, device=device) * BLOCK_P).clamp(max=BLOCK_P)
@@ -328,7 +325,7 @@ def ghost_forward_train_triton(
     )  # fmt: skip
     m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
     mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))
-    sc1, sh1, _ = _bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
+    sc1, sh1, _ = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
 
     tiles = triton.cdiv(P, BLOCK_P)
     part_mean2 = torch.empty((n * tiles, new), dtype=torch.float32, device=dev)
@@ -342,7 +339,7 @@ def ghost_forward_train_triton(
     m2, v2 = _combine(part_mean2, part_m22, counts2)
     mean2, var2 = m2.to(_stats_dtype(x)), v2.to(_stats_dtype(x))
     if ghost > 0:
-        sc2, sh2, _ = _bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
+        sc2, sh2, _ = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
         wrap_triton(_f3_affine_act)[(n * ghost, tiles)](
             y, sc2, sh2, P, wo, init, ghost, *y.stride(), RELU=relu, BLOCK=BLOCK_P
         )
@@ -398,8 +395,8 @@ def ghost_backward_triton(
     M = n * P
     relu = act == "relu"
     tiles = triton.cdiv(P, BLOCK_P)
-    sc1, sh1, invstd1 = _bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
-    sc2, sh2, invstd2 = _bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
+    sc1, sh1, invstd1 = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
+    sc2, sh2, invstd2 = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
     mean1f, mean2f = mean1.float().contiguous(), mean2.float().contiguous()
     w2 = cheap_weight.reshape(new, d * d).contiguous()
     z1 = z1.contiguous()
