@@ -42,6 +42,12 @@ CASES = [
     Case(7, 9, 15, 17, stride=2, strided_input=True),
     Case(10, 20, 12, 12, batch=0),  # empty batch
     Case(8, 200, 5, 6, ratio=3),  # 134 ghost rows: three row blocks, two per intrinsic channel
+    # channels_last: the cheap kernel's channel tiles, vector widths 8 (f16) / 4 (f32) for
+    # 32 -> 16 + 16, 1 for odd counts, several channel blocks, ratio 3
+    Case(24, 32, 5, 7, batch=3, channels_last=True),
+    Case(5, 7, 9, 11, relu=False, channels_last=True),
+    Case(8, 200, 5, 6, ratio=3, channels_last=True),
+    Case(6, 10, 8, 5, ratio=3, dw_size=5, stride=2, channels_last=True),
 ]
 FORMS = ("one_pass", "two_kernels")  # the eval kernels' two forms (triton_kernels.eval_plan)
 
@@ -164,9 +170,13 @@ def test_eval_float64_runs_the_reference(monkeypatch):
 
 
 def test_kernels_compile_for_a_gpu():
-    """Every Triton kernel compiled for sm_90 (H100) through Triton's ahead-of-time path, in a
-    subprocess without the interpreter (tests/triton_gpu_compile.py): what only a real compile
-    rejects, such as a float64 tl.dot against a float32 accumulator, fails here."""
+    """Every Triton kernel, as its op launches it on GhostNet shapes in both layouts, compiled
+    for sm_90 (H100) through Triton's ahead-of-time path in a subprocess without the
+    interpreter (tests/triton_gpu_compile.py): what only a real compile rejects, such as a
+    float64 tl.dot against a float32 accumulator, fails here. No kernel spills registers, and
+    in channels_last half precision the eval kernels move whole 16-byte vectors of channels
+    (for 16->48: 24 intrinsic and 24 ghost channels, a multiple of 8)."""
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -175,7 +185,25 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run([sys.executable, str(script), "--dtypes", "fp16", "bf16", "fp32"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok   sm_90") == 36, run.stdout
+    lines = run.stdout.splitlines()
+    assert lines and all(line.startswith("ok   sm_90 ") for line in lines), run.stdout
+    assert all(" 0 bytes spilled" in line for line in lines), run.stdout
+    kernels = {}
+    for line in lines:
+        dtype, layout, shape, _, name = line.split(":")[0].split()[2:7]
+        kernels.setdefault((dtype, layout, shape, name), line.split(";", 1)[1])
+    names = "_one_pass_kernel _primary_kernel _cheap_kernel _f1_primary _f2_cheap _f3_affine_act"
+    names += " _b1_ghost_sums _b2_dz2 _b3_dx1"  # every kernel of the three ops
+    assert {k[3] for k in kernels} == set(names.split())
+    for dtype in ("fp16", "bf16"):
+        for name in ("_one_pass_kernel", "_primary_kernel", "_cheap_kernel"):
+            access = kernels[(dtype, "channels_last", "16->48", name)]
+            stores = re.search(r"st ([^;]*)", access).group(1).split()
+            assert stores and all(s.startswith("16Bx") for s in stores), (name, access)
+        cheap = kernels[(dtype, "channels_last", "16->48", "_cheap_kernel")]
+        assert re.search(r"ld 16Bx", cheap), cheap  # y's intrinsic channels read as vectors
+        primary = kernels[(dtype, "channels_last", "16->48", "_primary_kernel")]
+        assert re.search(r"cp 16Bx", primary), primary  # x's channels copied as vectors
 
 
 def test_module_uses_triton_backend_when_forced():

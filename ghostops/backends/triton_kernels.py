@@ -32,6 +32,7 @@ session can time both.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -56,24 +57,53 @@ ONE_PASS_MAX_FLOPS_PER_BYTE = 96
 def primary_gemm_tile(
     x_ptr, w_ptr, rows, x_pix, pix_ok, K, M, sxc,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr,
+    VEC_K: tl.constexpr, VEC_X: tl.constexpr,
 ):  # fmt: skip
     """sum_k w[rows, k] x[k, pixels] with float32 accumulation (tl.dot over BLOCK_K slices, in
     the operands' dtype: w and x must share it; in float32 where ``DOT_F32``, see
     ``dot_in_float32``): the primary 1x1 conv of a tile; ``x_pix`` the pixels' offsets in x,
-    ``sxc`` x's channel stride, rows >= M and pixels not ``pix_ok`` read as zero. Shared by the
-    eval kernels here and the training forward (triton_train.py)."""
+    ``sxc`` x's channel stride, rows >= M and pixels not ``pix_ok`` read as zero. Vector hints
+    (``gemm_vectors``): VEC_K divides K, VEC_X every offset in ``x_pix``, so runs of that many
+    channels move as one aligned vector where they are contiguous (w's rows; x's pixels in
+    channels_last). Shared by the eval kernels here and the training forward
+    (triton_train.py)."""
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    w_rows = tl.multiple_of(rows * K, [VEC_K])[:, None]
+    x_pix = tl.multiple_of(x_pix, [VEC_X])[None, :]
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)  # fmt: skip
-        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix[None, :],
-                     mask=(ks[:, None] < K) & pix_ok[None, :], other=0.0)  # fmt: skip
+        k_ok = tl.max_constancy(ks < K, [VEC_K])
+        w = tl.load(w_ptr + w_rows + ks[None, :], mask=(rows[:, None] < M) & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        xv = tl.load(x_ptr + ks[:, None] * sxc + x_pix, mask=k_ok[:, None] & pix_ok[None, :],
+                     other=0.0)  # fmt: skip
         if DOT_F32:
             w = w.to(tl.float32)
             xv = xv.to(tl.float32)
         acc = tl.dot(w, xv, acc)
     return acc
+
+
+def vector_width(itemsize: int, *counts: int) -> int:
+    """The widest run of elements, at most 16 bytes, that ``counts`` (strides, channel counts,
+    block sizes) are all multiples of: a power of two, 1 where any is odd."""
+    g = math.gcd(*counts)
+    return min(g & -g, 16 // itemsize) if g else 1
+
+
+def channel_vector(t: torch.Tensor, *counts: int) -> int:
+    """Vector width along the channels of a 4-D tensor ``t`` (an activation): the width that
+    divides its other strides and ``counts`` where channels are innermost, else 1."""
+    if t.stride(1) != 1:
+        return 1
+    return vector_width(t.element_size(), t.stride(0), t.stride(2), t.stride(3), *counts)
+
+
+def gemm_vectors(x: torch.Tensor) -> dict:
+    """``primary_gemm_tile``'s vector hints for x (N, K, H, W) and a contiguous (M, K) weight
+    of its dtype."""
+    k = x.shape[1]
+    return {"VEC_K": vector_width(x.element_size(), k), "VEC_X": channel_vector(x, k)}
 
 
 def dot_in_float32(x: torch.Tensor) -> bool:
@@ -113,42 +143,68 @@ def _primary_kernel(
     n_pix, P, Wo, K, M, stride,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, VEC_K: tl.constexpr, VEC_X: tl.constexpr, VEC_Y: tl.constexpr,
 ):  # fmt: skip
-    """y[n, m, ho, wo] = act(sc[m] sum_k w[m, k] x[n, k, ho * stride, wo * stride] + sh[m])."""
+    """y[n, m, ho, wo] = act(sc[m] sum_k w[m, k] x[n, k, ho * stride, wo * stride] + sh[m]).
+    VEC_Y divides M and y's pixel strides (``channel_vector``)."""
     ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     x_pix = n * sxn + (ho * stride) * sxh + (wo * stride) * sxw
     acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc,
-                            BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32)  # fmt: skip
-    sc = tl.load(sc_ptr + rows, mask=rows < M, other=0.0)
-    sh = tl.load(sh_ptr + rows, mask=rows < M, other=0.0)
+                            BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32, VEC_K, VEC_X)  # fmt: skip
+    row_ok = tl.max_constancy(rows < M, [VEC_Y])
+    sc = tl.load(sc_ptr + rows, mask=row_ok, other=0.0)
+    sh = tl.load(sh_ptr + rows, mask=row_ok, other=0.0)
     acc = _act(acc * sc[:, None] + sh[:, None], RELU)
-    y_off = rows[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
+    y_pix = tl.multiple_of(n * syn + ho * syh + wo * syw, [VEC_Y])
+    y_off = rows[:, None] * syc + y_pix[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & ok[None, :])  # fmt: skip
+             mask=row_ok[:, None] & ok[None, :])  # fmt: skip
 
 
 @triton.jit
 def _cheap_kernel(
     y_ptr, w_ptr, b_ptr,
-    P, Ho, Wo, INIT, GHOST, PER,
+    n_pix, P, Ho, Wo, INIT, GHOST, PER,
     syn, syc, syh, syw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):  # fmt: skip
-    """y[n, INIT + j] = act(b[j] + depthwise D x D conv of y[n, j // PER]), zero padded."""
-    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK_P)  # (image, ghost channel)
-    src = y_ptr + n * syn + (j // PER) * syc
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    """y[n, INIT + j] = act(b[j] + depthwise D x D conv of y[n, j // PER]), zero padded, on a
+    tile of BLOCK_P output pixels (flat over images) x BLOCK_C ghost channels j. The launcher
+    shapes the tile to y's layout (``cheap_tile``): BLOCK_C = 1 on channel planes (NCHW: a warp
+    reads a row of pixels), a block of channels where they are innermost (channels_last: a warp
+    reads runs of channels, whole sectors rather than one element of each). VEC divides y's
+    strides, INIT and GHOST: runs of VEC channels are aligned and all in or all out of range,
+    which lets the compiler move them as one vector."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_ok = tl.max_constancy(j < GHOST, [VEC])
+    src = ((j // PER) * syc)[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for t in tl.static_range(D * D):
         hi = ho + (t // D - D // 2)
         wi = wo + (t % D - D // 2)
         inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
-        v = tl.load(src + hi * syh + wi * syw, mask=inside, other=0.0)
-        acc += tl.load(w_ptr + j * D * D + t).to(tl.float32) * v.to(tl.float32)
-    acc = _act(acc + tl.load(b_ptr + j).to(tl.float32), RELU)
-    dst = y_ptr + n * syn + (INIT + j) * syc + ho * syh + wo * syw
-    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        pix = tl.multiple_of(n * syn + hi * syh + wi * syw, [VEC])
+        v = tl.load(y_ptr + pix[:, None] + src, mask=inside[:, None] & j_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + j * (D * D) + t, mask=j_ok, other=0.0)
+        acc += wt[None, :] * v.to(tl.float32)
+    acc = _act(acc + tl.load(b_ptr + j, mask=j_ok, other=0.0)[None, :], RELU)
+    pix = tl.multiple_of(n * syn + ho * syh + wo * syw, [VEC])
+    dst = pix[:, None] + (tl.multiple_of(INIT + j, [VEC]) * syc)[None, :]
+    tl.store(y_ptr + dst, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & j_ok[None, :])
+
+
+def cheap_tile(y: torch.Tensor, init: int, ghost: int) -> dict:
+    """The cheap kernel's tile and vector width for y (a heuristic: 2048 outputs a program, 4
+    warps): a block of channels where they are innermost in memory (channels_last; NCHW on a
+    1x1 map), else one channel plane, 128 pixels a tile."""
+    if y.stride(1) != 1:
+        return {"BLOCK_P": 128, "BLOCK_C": 1, "VEC": 1}
+    block_c = max(2, min(64, triton.next_power_of_2(ghost)))
+    vec = channel_vector(y, init, ghost, block_c)
+    return {"BLOCK_P": 2048 // block_c, "BLOCK_C": block_c, "VEC": vec}
 
 
 @triton.jit
@@ -158,15 +214,18 @@ def _one_pass_kernel(
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     D: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr,
+    VEC_K: tl.constexpr, VEC_X: tl.constexpr, VEC_Y: tl.constexpr,
 ):  # fmt: skip
     """The whole module on a tile: rows are ghost channels j (intrinsic channel c = j // PER
     feeds them), columns output pixels. Per tap: x1 = act(BN1(W1 x)) at the pixels the tap
     reads, zero outside the map, accumulated with w2[j, tap]; the centre tap's x1 goes to
-    y[:, c] from the rows j % PER == 0, and act(z2 + b2) to y[:, INIT + j] for j < GHOST."""
+    y[:, c] from the rows j % PER == 0, and act(z2 + b2) to y[:, INIT + j] for j < GHOST.
+    VEC_Y divides INIT, GHOST, NEW and y's pixel strides (``channel_vector``)."""
     ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
     j = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = j // PER
-    row_ok = j < NEW
+    row_ok = tl.max_constancy(j < NEW, [VEC_Y])
+    y_pix = tl.multiple_of(n * syn + ho * syh + wo * syw, [VEC_Y])[None, :]
     sc1 = tl.load(sc1_ptr + c, mask=row_ok, other=0.0)[:, None]
     sh1 = tl.load(sh1_ptr + c, mask=row_ok, other=0.0)[:, None]
     z2 = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
@@ -176,18 +235,19 @@ def _one_pass_kernel(
         inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
         x_pix = n * sxn + (hi * stride) * sxh + (wi * stride) * sxw
         z1 = primary_gemm_tile(x_ptr, w1_ptr, c, x_pix, inside, K, INIT, sxc,
-                               BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32)  # fmt: skip
+                               BLOCK_M, BLOCK_K, BLOCK_P, DOT_F32, VEC_K, VEC_X)  # fmt: skip
         x1 = tl.where(inside[None, :], _act(z1 * sc1 + sh1, RELU), 0.0)
         if t == (D * D) // 2:  # the centre tap reads the tile's own pixels: store x1
             keep = row_ok & (j % PER == 0)
-            y1 = c[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
+            y1 = c[:, None] * syc + y_pix
             tl.store(y_ptr + y1, x1.to(y_ptr.dtype.element_ty), mask=keep[:, None] & ok[None, :])
         w2 = tl.load(w2_ptr + j * (D * D) + t, mask=row_ok, other=0.0)
         z2 += w2[:, None] * x1
     b2 = tl.load(b2_ptr + j, mask=row_ok, other=0.0)
     x2 = _act(z2 + b2[:, None], RELU)
-    y2 = (INIT + j)[:, None] * syc + (n * syn + ho * syh + wo * syw)[None, :]
-    tl.store(y_ptr + y2, x2.to(y_ptr.dtype.element_ty), mask=(j < GHOST)[:, None] & ok[None, :])
+    y2 = tl.multiple_of(INIT + j, [VEC_Y])[:, None] * syc + y_pix
+    ghost_ok = tl.max_constancy(j < GHOST, [VEC_Y])
+    tl.store(y_ptr + y2, x2.to(y_ptr.dtype.element_ty), mask=ghost_ok[:, None] & ok[None, :])
 
 
 def bn_affine(mean, var, gamma, beta, eps):
@@ -211,9 +271,11 @@ def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) ->
     - Row blocks (channels) of 16-64 (16-32 in one pass, whose nine unrolled taps would spill
       registers at 64 rows: 1.1 KB a thread for 24->72 in a compile for sm_90), the power of two
       that covers them where it can, so small modules do not compute empty rows; K blocks of
-      16-64; 64 pixels a tile (128 for the plane kernel of the cheap op); 8 warps in one pass
+      16-64 (at most 32 in a float32 one pass: at 64, channels_last 72->24 spilled 216 bytes a
+      thread); 64 pixels a tile (the cheap op's tile: ``cheap_tile``); 8 warps in one pass
       (with 4, float32 72->24 spilled 500 bytes a thread), else 4. ``python
-      tests/triton_gpu_compile.py`` prints each kernel's registers and spills for sm_90.
+      tests/triton_gpu_compile.py`` compiles each kernel as its op launches it for sm_90 and
+      prints its registers, spills and global access widths.
 
     Under torch.compile the form is chosen when the graph is traced (the variable read then).
     """
@@ -227,10 +289,11 @@ def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) ->
     one_pass = form == "one_pass"
     rows = triton.next_power_of_2(new if one_pass else init)
     block_m = max(16, min(32 if one_pass else 64, rows))
+    block_k = 32 if one_pass and itemsize == 4 else 64
     return {
         "form": form,
         "BLOCK_M": block_m,
-        "BLOCK_K": max(16, min(64, triton.next_power_of_2(inp))),
+        "BLOCK_K": max(16, min(block_k, triton.next_power_of_2(inp))),
         "BLOCK_P": 64,
         "num_warps": 8 if one_pass else 4,
     }
@@ -285,21 +348,24 @@ def ghost_forward_eval_triton(
     plan = eval_plan(inp, init, oup, new, d, x.element_size())
     blocks = {k: plan[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_P", "num_warps")}
     blocks["DOT_F32"] = dot_in_float32(x)
+    blocks.update(gemm_vectors(x))
     tiles = triton.cdiv(n * P, plan["BLOCK_P"])
     if plan["form"] == "one_pass":
         wrap_triton(_one_pass_kernel)[(tiles, triton.cdiv(new, plan["BLOCK_M"]))](
             x, w1, sc1, sh1, w2, b2, y, n * P, P, ho, wo, inp, init, ghost, new, new // init,
-            stride, *x.stride(), *y.stride(), D=d, RELU=relu, **blocks,
+            stride, *x.stride(), *y.stride(), D=d, RELU=relu,
+            VEC_Y=channel_vector(y, init, ghost, new), **blocks,
         )  # fmt: skip
         return y
     wrap_triton(_primary_kernel)[(tiles, triton.cdiv(init, plan["BLOCK_M"]))](
         x, w1, sc1, sh1, y, n * P, P, wo, inp, init, stride, *x.stride(), *y.stride(),
-        RELU=relu, **blocks,
+        RELU=relu, VEC_Y=channel_vector(y, init), **blocks,
     )  # fmt: skip
     if ghost > 0:
-        block = max(16, min(128, triton.next_power_of_2(P)))
-        wrap_triton(_cheap_kernel)[(n * ghost, triton.cdiv(P, block))](
-            y, w2, b2, P, ho, wo, init, ghost, new // init, *y.stride(),
-            D=d, RELU=relu, BLOCK_P=block,
+        tile = cheap_tile(y, init, ghost)
+        grid = (triton.cdiv(n * P, tile["BLOCK_P"]), triton.cdiv(ghost, tile["BLOCK_C"]))
+        wrap_triton(_cheap_kernel)[grid](
+            y, w2, b2, n * P, P, ho, wo, init, ghost, new // init, *y.stride(),
+            D=d, RELU=relu, **tile,
         )  # fmt: skip
     return y

@@ -40,6 +40,7 @@ from ghostops.backends.triton_kernels import (
     _pixel_tile,
     bn_affine,
     dot_in_float32,
+    gemm_vectors,
     plane_tile,
     primary_gemm_tile,
 )
@@ -72,6 +73,7 @@ def _f1_primary(
     x_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
     n_pix, P, Wo, K, M, stride, sxn, sxc, sxh, sxw,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+    VEC_K: tl.constexpr, VEC_X: tl.constexpr,
 ):  # fmt: skip
     """z[n, m, q] = sum_k w[m, k] x[n, k, q strided]; the tile's mean / M2 per channel."""
     pid_p = tl.program_id(0)
@@ -80,7 +82,7 @@ def _f1_primary(
     q = ho * Wo + wo
     x_pix = n * sxn + (ho * stride) * sxh + (wo * stride) * sxw
     acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK,
-                            DOT_F32)  # fmt: skip
+                            DOT_F32, VEC_K, VEC_X)  # fmt: skip
     row_ok = rows < M
     tl.store(z_ptr + (n * M * P + q)[None, :] + rows[:, None] * P,
              acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & ok[None, :])  # fmt: skip
@@ -322,6 +324,7 @@ def ghost_forward_train_triton(
     wrap_triton(_f1_primary)[(blocks1, triton.cdiv(init, block_m))](
         x, w1, z1, part_mean1, part_m21, n * P, P, wo, inp, init, stride, *x.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P, DOT_F32=dot_in_float32(x),
+        **gemm_vectors(x),
     )  # fmt: skip
     m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
     mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))
