@@ -114,15 +114,6 @@ def dot_in_float32(x: torch.Tensor) -> bool:
 
 
 @triton.jit
-def plane_tile(CHANNELS, P, Wo, BLOCK: tl.constexpr):
-    """The tile of a plane kernel whose grid is (image x channel, pixel tiles): (n, channel, q,
-    ok, ho, wo), q the tile's flat pixel indices, ok those inside the (Ho, Wo) plane."""
-    pid = tl.program_id(0)
-    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return pid // CHANNELS, pid % CHANNELS, q, q < P, q // Wo, q % Wo
-
-
-@triton.jit
 def _act(v, RELU: tl.constexpr):
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as in F.relu
@@ -196,15 +187,22 @@ def _cheap_kernel(
     tl.store(y_ptr + dst, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & j_ok[None, :])
 
 
+def channel_tile(channels: int, channels_inner: bool, outputs: int = 2048) -> dict:
+    """The tile of the kernels that work on (pixel, channel) planes (the cheap op here, the
+    training passes in triton_train.py), a heuristic for 4 warps: ``outputs`` (pixel, channel)
+    pairs a program in a block of channels where they are innermost in memory (channels_last;
+    NCHW on 1x1 maps), so a warp reads runs of channels, whole sectors rather than one element
+    of each; else one channel's plane, 128 pixels a tile."""
+    if not channels_inner:
+        return {"BLOCK_P": 128, "BLOCK_C": 1}
+    block_c = max(2, min(64, triton.next_power_of_2(channels)))
+    return {"BLOCK_P": max(1, outputs // block_c), "BLOCK_C": block_c}
+
+
 def cheap_tile(y: torch.Tensor, init: int, ghost: int) -> dict:
-    """The cheap kernel's tile and vector width for y (a heuristic: 2048 outputs a program, 4
-    warps): a block of channels where they are innermost in memory (channels_last; NCHW on a
-    1x1 map), else one channel plane, 128 pixels a tile."""
-    if y.stride(1) != 1:
-        return {"BLOCK_P": 128, "BLOCK_C": 1, "VEC": 1}
-    block_c = max(2, min(64, triton.next_power_of_2(ghost)))
-    vec = channel_vector(y, init, ghost, block_c)
-    return {"BLOCK_P": 2048 // block_c, "BLOCK_C": block_c, "VEC": vec}
+    """The cheap kernel's tile (``channel_tile``) and vector width for y."""
+    tile = channel_tile(ghost, y.stride(1) == 1)
+    return {**tile, "VEC": channel_vector(y, init, ghost, tile["BLOCK_C"])}
 
 
 @triton.jit

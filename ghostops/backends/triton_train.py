@@ -39,39 +39,65 @@ from ghostops.backends.triton_kernels import (
     _act,
     _pixel_tile,
     bn_affine,
+    channel_tile,
     dot_in_float32,
     gemm_vectors,
-    plane_tile,
     primary_gemm_tile,
 )
 from ghostops.ops import output_size
 
-BLOCK_P = 64  # pixels per tile of the plane kernels
+# (pixel, channel) outputs a program of the plane kernels in channels_last: at 2048, nine taps
+# of z1 held at once spilled up to 1 KB a thread in B2 (tests/triton_gpu_compile.py).
+TILE_OUTPUTS = 512
 
 
 @triton.jit
-def _x1_at(z_plane, hi, wi, ok, Ho, Wo, sc, sh, RELU: tl.constexpr):
-    """x1 = act(z1 * sc + sh) at (hi, wi), zero outside the map (the conv's zero padding)."""
+def _channel_block(CHANNELS, BLOCK_C: tl.constexpr):
+    """program_id(1)'s block of channels and which of them exist."""
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return ch, ch < CHANNELS
+
+
+@triton.jit
+def _x1_at(z_base, hi, wi, ok, ch_ok, Ho, Wo, szp, sc, sh, RELU: tl.constexpr):
+    """x1 = act(z1 * sc + sh) at pixels (hi, wi) of a tile's channels, zero outside the map
+    (the conv's zero padding); ``z_base`` points at each (image, channel)'s z1 plane."""
     inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
-    z = tl.load(z_plane + hi * Wo + wi, mask=inside, other=0.0).to(tl.float32)
-    return tl.where(inside, _act(z * sc + sh, RELU), 0.0)
+    z = tl.load(z_base + ((hi * Wo + wi) * szp)[:, None], mask=inside[:, None] & ch_ok[None, :],
+                other=0.0).to(tl.float32)  # fmt: skip
+    return tl.where(inside[:, None], _act(z * sc[None, :] + sh[None, :], RELU), 0.0)
 
 
 @triton.jit
-def _z2_tile(z_plane, w_row, ho, wo, ok, Ho, Wo, sc, sh, D: tl.constexpr, RELU: tl.constexpr):
-    """The depthwise conv of x1 at a tile of pixels, taps in row-major order (F2 and the
-    backward run this same code, so they round alike)."""
-    acc = tl.zeros(ho.shape, dtype=tl.float32)
+def _z2_tile(z_base, w_rows, ho, wo, ok, ch_ok, Ho, Wo, szp, sc, sh,
+             D: tl.constexpr, RELU: tl.constexpr):  # fmt: skip
+    """The depthwise conv of x1 on a tile (pixels x ghost channels, ``w_rows`` each channel's
+    taps), taps in row-major order (F2 and the backward run this same code, so they round
+    alike)."""
+    acc = tl.zeros(z_base.shape, dtype=tl.float32)
     for t in tl.static_range(D * D):
-        v = _x1_at(z_plane, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, Ho, Wo, sc, sh, RELU)
-        acc += tl.load(w_row + t).to(tl.float32) * v
+        v = _x1_at(z_base, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, ch_ok, Ho, Wo,
+                   szp, sc, sh, RELU)  # fmt: skip
+        acc += tl.load(w_rows + t, mask=ch_ok, other=0.0).to(tl.float32)[None, :] * v
     return acc
+
+
+@triton.jit
+def _tile_moments(acc, ok, ch, ch_ok, mean_ptr, m2_ptr, CHANNELS):
+    """The tile's per-channel mean and M2 over its valid pixels, into row program_id(0) of
+    (tiles, CHANNELS) buffers."""
+    count = tl.sum(ok.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(ok[:, None], acc, 0.0), axis=0) / count
+    dev = tl.where(ok[:, None], acc - mean[None, :], 0.0)
+    part = tl.program_id(0) * CHANNELS + ch
+    tl.store(mean_ptr + part, mean, mask=ch_ok)
+    tl.store(m2_ptr + part, tl.sum(dev * dev, axis=0), mask=ch_ok)
 
 
 @triton.jit
 def _f1_primary(
     x_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
-    n_pix, P, Wo, K, M, stride, sxn, sxc, sxh, sxw,
+    n_pix, P, Wo, K, M, stride, sxn, sxc, sxh, sxw, szn, szc, szp,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, DOT_F32: tl.constexpr,
     VEC_K: tl.constexpr, VEC_X: tl.constexpr,
 ):  # fmt: skip
@@ -84,7 +110,7 @@ def _f1_primary(
     acc = primary_gemm_tile(x_ptr, w_ptr, rows, x_pix, ok, K, M, sxc, BLOCK_M, BLOCK_K, BLOCK,
                             DOT_F32, VEC_K, VEC_X)  # fmt: skip
     row_ok = rows < M
-    tl.store(z_ptr + (n * M * P + q)[None, :] + rows[:, None] * P,
+    tl.store(z_ptr + (n * szn + q * szp)[None, :] + rows[:, None] * szc,
              acc.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & ok[None, :])  # fmt: skip
     count = tl.sum(ok.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(ok[None, :], acc, 0.0), axis=1) / count
@@ -96,133 +122,158 @@ def _f1_primary(
 @triton.jit
 def _f2_cheap(
     z_ptr, y_ptr, w2_ptr, sc1_ptr, sh1_ptr, mean_ptr, m2_ptr,
-    P, Ho, Wo, INIT, GHOST, NEW, PER, syn, syc, syh, syw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    n_pix, P, Ho, Wo, INIT, GHOST, NEW, PER, szn, szc, szp, syn, syc, syh, syw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    n, j, q, ok, ho, wo = plane_tile(NEW, P, Wo, BLOCK)  # (image, ghost channel j < NEW)
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    j, j_ok = _channel_block(NEW, BLOCK_C)  # ghost channels j < NEW
     c = j // PER
-    z_plane = z_ptr + (n * INIT + c) * P
-    sc = tl.load(sc1_ptr + c)
-    sh = tl.load(sh1_ptr + c)
-    acc = _z2_tile(z_plane, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo, sc, sh, D, RELU)
-    y_img = y_ptr + n * syn + ho * syh + wo * syw
-    if j % PER == 0:  # the first ghost channel of c also writes x1 = act(BN1(z1)) itself
-        tl.store(y_img + c * syc, _x1_at(z_plane, ho, wo, ok, Ho, Wo, sc, sh, RELU)
-                 .to(y_ptr.dtype.element_ty), mask=ok)  # fmt: skip
-    tl.store(y_img + (INIT + j) * syc, acc.to(y_ptr.dtype.element_ty), mask=ok & (j < GHOST))
-    count = tl.sum(ok.to(tl.float32), axis=0)
-    mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / count
-    dev = tl.where(ok, acc - mean, 0.0)
-    part = (n * tl.num_programs(1) + tl.program_id(1)) * NEW + j
-    tl.store(mean_ptr + part, mean)
-    tl.store(m2_ptr + part, tl.sum(dev * dev, axis=0))
+    z_base = z_ptr + (n * szn)[:, None] + (c * szc)[None, :]
+    sc = tl.load(sc1_ptr + c, mask=j_ok, other=0.0)
+    sh = tl.load(sh1_ptr + c, mask=j_ok, other=0.0)
+    acc = _z2_tile(z_base, w2_ptr + j * D * D, ho, wo, ok, j_ok, Ho, Wo, szp, sc, sh, D, RELU)
+    y_pix = y_ptr + (n * syn + ho * syh + wo * syw)[:, None]
+    first = j_ok & (j % PER == 0)  # the first ghost channel of c also writes x1 itself
+    x1 = _x1_at(z_base, ho, wo, ok, first, Ho, Wo, szp, sc, sh, RELU)
+    tl.store(y_pix + (c * syc)[None, :], x1.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & first[None, :])  # fmt: skip
+    tl.store(y_pix + ((INIT + j) * syc)[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & (j < GHOST)[None, :])  # fmt: skip
+    _tile_moments(acc, ok, j, j_ok, mean_ptr, m2_ptr, NEW)
 
 
 @triton.jit
 def _f3_affine_act(
-    y_ptr, sc_ptr, sh_ptr, P, Wo, INIT, GHOST, syn, syc, syh, syw,
-    RELU: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr, sc_ptr, sh_ptr, n_pix, P, Wo, INIT, GHOST, syn, syc, syh, syw,
+    RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK)  # (image, ghost channel j < GHOST)
-    ptr = y_ptr + n * syn + (INIT + j) * syc + ho * syh + wo * syw
-    v = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-    v = _act(v * tl.load(sc_ptr + j) + tl.load(sh_ptr + j), RELU)
-    tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=ok)
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    j, j_ok = _channel_block(GHOST, BLOCK_C)
+    ptr = y_ptr + (n * syn + ho * syh + wo * syw)[:, None] + ((INIT + j) * syc)[None, :]
+    valid = ok[:, None] & j_ok[None, :]
+    v = tl.load(ptr, mask=valid, other=0.0).to(tl.float32)
+    sc = tl.load(sc_ptr + j, mask=j_ok, other=0.0)
+    sh = tl.load(sh_ptr + j, mask=j_ok, other=0.0)
+    v = _act(v * sc[None, :] + sh[None, :], RELU)
+    tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _ghost_grads(
     z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-    P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    n_pix, P, Ho, Wo, INIT, GHOST, PER, szn, szc, szp, sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """The program's tile, grid (image x ghost channel j < GHOST, pixel tiles): its (n, j, q,
-    ok) and ga2, x2hat there, z2 recomputed as F2 computes it. B1 and B2 both start here."""
-    n, j, q, ok, ho, wo = plane_tile(GHOST, P, Wo, BLOCK)
+    """The program's tile, grid (pixel tiles, blocks of ghost channels j < GHOST): its pixels,
+    channels, z1 planes and ga2, x2hat there, z2 recomputed as F2 computes it. B1 and B2 both
+    start here."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    j, j_ok = _channel_block(GHOST, BLOCK_C)
     c = j // PER
-    z2 = _z2_tile(z_ptr + (n * INIT + c) * P, w2_ptr + j * D * D, ho, wo, ok, Ho, Wo,
-                  tl.load(sc1_ptr + c), tl.load(sh1_ptr + c), D, RELU)  # fmt: skip
+    z_base = z_ptr + (n * szn)[:, None] + (c * szc)[None, :]
+    sc = tl.load(sc1_ptr + c, mask=j_ok, other=0.0)
+    sh = tl.load(sh1_ptr + c, mask=j_ok, other=0.0)
+    z2 = _z2_tile(z_base, w2_ptr + j * D * D, ho, wo, ok, j_ok, Ho, Wo, szp, sc, sh, D, RELU)
     # z2 rounded to y's dtype, as F2 stored it before F3's BN2 + act: the forward's ReLU mask.
     z2 = z2.to(gy_ptr.dtype.element_ty).to(tl.float32)
-    g = tl.load(gy_ptr + n * sgn + (INIT + j) * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
+    valid = ok[:, None] & j_ok[None, :]
+    g = tl.load(gy_ptr + (n * sgn + ho * sgh + wo * sgw)[:, None] + ((INIT + j) * sgc)[None, :],
+                mask=valid, other=0.0)  # fmt: skip
     ga = g.to(tl.float32)
     if RELU:
-        ga = tl.where(z2 * tl.load(sc2_ptr + j) + tl.load(sh2_ptr + j) > 0.0, ga, 0.0)
-    ga = tl.where(ok, ga, 0.0)
-    xh = (z2 - tl.load(mean2_ptr + j)) * tl.load(invstd2_ptr + j)
-    return n, j, q, ok, ga, xh
+        sc2 = tl.load(sc2_ptr + j, mask=j_ok, other=0.0)
+        sh2 = tl.load(sh2_ptr + j, mask=j_ok, other=0.0)
+        ga = tl.where(z2 * sc2[None, :] + sh2[None, :] > 0.0, ga, 0.0)
+    ga = tl.where(valid, ga, 0.0)
+    mean2 = tl.load(mean2_ptr + j, mask=j_ok, other=0.0)
+    xh = (z2 - mean2[None, :]) * tl.load(invstd2_ptr + j, mask=j_ok, other=0.0)[None, :]
+    return ok, n, ho, wo, j, j_ok, z_base, sc, sh, ga, xh
 
 
 @triton.jit
 def _b1_ghost_sums(
     z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-    sum_ga_ptr, sum_gx_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    sum_ga_ptr, sum_gx_ptr, n_pix, P, Ho, Wo, INIT, GHOST, PER, szn, szc, szp,
+    sgn, sgc, sgh, sgw,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    n, j, q, ok, ga, xh = _ghost_grads(
+    ok, n, ho, wo, j, j_ok, z_base, sc, sh, ga, xh = _ghost_grads(
         z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-        P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw, D, RELU, BLOCK,
+        n_pix, P, Ho, Wo, INIT, GHOST, PER, szn, szc, szp, sgn, sgc, sgh, sgw,
+        D, RELU, BLOCK_P, BLOCK_C,
     )  # fmt: skip
-    part = (n * tl.num_programs(1) + tl.program_id(1)) * GHOST + j
-    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0))
-    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
+    part = tl.program_id(0) * GHOST + j
+    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0), mask=j_ok)
+    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0), mask=j_ok)
 
 
 @triton.jit
 def _b2_dz2(
     z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-    k2_ptr, mg2_ptr, mx2_ptr, dz2_ptr, dw_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    k2_ptr, mg2_ptr, mx2_ptr, dz2_ptr, dw_ptr, n_pix, P, Ho, Wo, INIT, GHOST, PER,
+    szn, szc, szp, sgn, sgc, sgh, sgw, sdn, sdc, sdp,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dz2 = k2 (ga2 - mean(ga2) - x2hat mean(ga2 x2hat)) into dz2 (N, GHOST, P), and per tile
-    and tap the cheap weight's gradient sum dz2[q] x1[q + offset(tap)]."""
-    n, j, q, ok, ga, xh = _ghost_grads(
+    """dz2 = k2 (ga2 - mean(ga2) - x2hat mean(ga2 x2hat)) into dz2 (N, GHOST, P) (strides
+    sd*), and per tile and tap the cheap weight's gradient sum dz2[q] x1[q + offset(tap)]."""
+    ok, n, ho, wo, j, j_ok, z_base, sc, sh, ga, xh = _ghost_grads(
         z_ptr, gy_ptr, w2_ptr, sc1_ptr, sh1_ptr, sc2_ptr, sh2_ptr, mean2_ptr, invstd2_ptr,
-        P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw, D, RELU, BLOCK,
+        n_pix, P, Ho, Wo, INIT, GHOST, PER, szn, szc, szp, sgn, sgc, sgh, sgw,
+        D, RELU, BLOCK_P, BLOCK_C,
     )  # fmt: skip
-    dz = tl.load(k2_ptr + j) * (ga - tl.load(mg2_ptr + j) - xh * tl.load(mx2_ptr + j))
-    dz = tl.where(ok, dz, 0.0)
-    tl.store(dz2_ptr + (n * GHOST + j) * P + q, dz, mask=ok)
-    ho = q // Wo
-    wo = q % Wo
-    c = j // PER
-    z_plane = z_ptr + (n * INIT + c) * P
-    sc = tl.load(sc1_ptr + c)
-    sh = tl.load(sh1_ptr + c)
-    part = ((n * tl.num_programs(1) + tl.program_id(1)) * GHOST + j) * D * D
+    k2 = tl.load(k2_ptr + j, mask=j_ok, other=0.0)[None, :]
+    mg2 = tl.load(mg2_ptr + j, mask=j_ok, other=0.0)[None, :]
+    mx2 = tl.load(mx2_ptr + j, mask=j_ok, other=0.0)[None, :]
+    valid = ok[:, None] & j_ok[None, :]
+    dz = tl.where(valid, k2 * (ga - mg2 - xh * mx2), 0.0)
+    d_off = (n * sdn + (ho * Wo + wo) * sdp)[:, None] + (j * sdc)[None, :]
+    tl.store(dz2_ptr + d_off, dz, mask=valid)
+    part = (tl.program_id(0) * GHOST + j) * D * D
     for t in tl.static_range(D * D):
-        v = _x1_at(z_plane, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, Ho, Wo, sc, sh, RELU)
-        tl.store(dw_ptr + part + t, tl.sum(dz * v, axis=0))
+        v = _x1_at(z_base, ho + (t // D - D // 2), wo + (t % D - D // 2), ok, j_ok, Ho, Wo, szp,
+                   sc, sh, RELU)  # fmt: skip
+        tl.store(dw_ptr + part + t, tl.sum(dz * v, axis=0), mask=j_ok)
 
 
 @triton.jit
 def _b3_dx1(
     z_ptr, gy_ptr, dz2_ptr, w2_ptr, sc1_ptr, sh1_ptr, mean1_ptr, invstd1_ptr, ga1_ptr,
-    sum_ga_ptr, sum_gx_ptr, P, Ho, Wo, INIT, GHOST, PER, sgn, sgc, sgh, sgw,
-    D: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    sum_ga_ptr, sum_gx_ptr, n_pix, P, Ho, Wo, INIT, GHOST, PER, szn, szc, szp,
+    sgn, sgc, sgh, sgw, sdn, sdc, sdp,
+    D: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """ga1 = (dy1 + dwconv^T(dz2)) act'(a1) into ga1 (N, INIT, P); its sums and ga1 x1hat's."""
-    n, c, q, ok, ho, wo = plane_tile(INIT, P, Wo, BLOCK)  # (image, intrinsic channel c)
-    dx = tl.load(gy_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
-    dx = dx.to(tl.float32)
+    """ga1 = (dy1 + dwconv^T(dz2)) act'(a1) into ga1 (z1's sizes and strides); its sums and
+    ga1 x1hat's."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    c, c_ok = _channel_block(INIT, BLOCK_C)  # intrinsic channels c
+    valid = ok[:, None] & c_ok[None, :]
+    dx = tl.load(gy_ptr + (n * sgn + ho * sgh + wo * sgw)[:, None] + (c * sgc)[None, :],
+                 mask=valid, other=0.0).to(tl.float32)  # fmt: skip
     for jj in range(PER):
         j = c * PER + jj
+        j_ok = c_ok & (j < GHOST)
         for t in tl.static_range(D * D):  # the transposed conv: taps from the other side
             hi = ho - (t // D - D // 2)
             wi = wo - (t % D - D // 2)
-            inside = ok & (j < GHOST) & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
-            g = tl.load(dz2_ptr + (n * GHOST + j) * P + hi * Wo + wi, mask=inside, other=0.0)
-            dx += tl.load(w2_ptr + j * D * D + t, mask=j < GHOST, other=0.0).to(tl.float32) * g
-    z = tl.load(z_ptr + (n * INIT + c) * P + q, mask=ok, other=0.0).to(tl.float32)
+            inside = ok & (hi >= 0) & (hi < Ho) & (wi >= 0) & (wi < Wo)
+            g = tl.load(dz2_ptr + (n * sdn + (hi * Wo + wi) * sdp)[:, None] + (j * sdc)[None, :],
+                        mask=inside[:, None] & j_ok[None, :], other=0.0)  # fmt: skip
+            w = tl.load(w2_ptr + j * D * D + t, mask=j_ok, other=0.0).to(tl.float32)
+            dx += w[None, :] * g
+    z_off = (n * szn + (ho * Wo + wo) * szp)[:, None] + (c * szc)[None, :]
+    z = tl.load(z_ptr + z_off, mask=valid, other=0.0).to(tl.float32)
     ga = dx
     if RELU:
-        ga = tl.where(z * tl.load(sc1_ptr + c) + tl.load(sh1_ptr + c) > 0.0, ga, 0.0)
-    ga = tl.where(ok, ga, 0.0)
-    tl.store(ga1_ptr + (n * INIT + c) * P + q, ga, mask=ok)
-    xh = (z - tl.load(mean1_ptr + c)) * tl.load(invstd1_ptr + c)
-    part = (n * tl.num_programs(1) + tl.program_id(1)) * INIT + c
-    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0))
-    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0))
+        sc1 = tl.load(sc1_ptr + c, mask=c_ok, other=0.0)[None, :]
+        sh1 = tl.load(sh1_ptr + c, mask=c_ok, other=0.0)[None, :]
+        ga = tl.where(z * sc1 + sh1 > 0.0, ga, 0.0)
+    ga = tl.where(valid, ga, 0.0)
+    tl.store(ga1_ptr + z_off, ga, mask=valid)
+    mean1 = tl.load(mean1_ptr + c, mask=c_ok, other=0.0)[None, :]
+    xh = (z - mean1) * tl.load(invstd1_ptr + c, mask=c_ok, other=0.0)[None, :]
+    part = tl.program_id(0) * INIT + c
+    tl.store(sum_ga_ptr + part, tl.sum(ga, axis=0), mask=c_ok)
+    tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0), mask=c_ok)
 
 
 def _check_args(op, x, primary_weight, cheap_weight, oup, stride, vectors):
@@ -279,9 +330,20 @@ def _combine(mean: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor):
     return mean64, m2_64 / total
 
 
-def _tile_counts(n_pix: int, device) -> torch.Tensor:
-    blocks = triton.cdiv(n_pix, BLOCK_P)
-    return (n_pix - torch.arange(blocks, device=device) * BLOCK_P).clamp(max=BLOCK_P)
+def _tile_counts(n_pix: int, block: int, device) -> torch.Tensor:
+    """Valid pixels of each tile of ``block`` pixels over ``n_pix``."""
+    tiles = triton.cdiv(n_pix, block)
+    return (n_pix - torch.arange(tiles, device=device) * block).clamp(max=block)
+
+
+def _plane_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(image, channel, flat pixel) strides of a (N, C, Ho, Wo) buffer whose pixels are evenly
+    spaced (z1, dz2, ga1: NCHW or channels_last)."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _evenly_spaced(t: torch.Tensor) -> bool:
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
 @triton_op("ghostops::ghost_forward_train_triton", mutates_args=())
@@ -312,39 +374,45 @@ def ghost_forward_train_triton(
     P, dev = ho * wo, x.device
     fmt = torch._prims_common.suggest_memory_format(x)
     y = torch.empty((n, oup, ho, wo), dtype=x.dtype, device=dev, memory_format=fmt)
-    z1 = torch.empty((n, init, ho, wo), dtype=_stats_dtype(x), device=dev)  # float32 for half
+    # z1 in x's layout (float32 for half inputs): the plane kernels read it, y and the
+    # backward's buffers alike, channels innermost in channels_last.
+    z1 = torch.empty((n, init, ho, wo), dtype=_stats_dtype(x), device=dev, memory_format=fmt)
+    zs = _plane_strides(z1)
     relu = act == "relu"
 
-    blocks1 = triton.cdiv(n * P, BLOCK_P)
-    part_mean1 = torch.empty((blocks1, init), dtype=torch.float32, device=dev)
+    block_p1 = 64
+    tiles1 = triton.cdiv(n * P, block_p1)
+    part_mean1 = torch.empty((tiles1, init), dtype=torch.float32, device=dev)
     part_m21 = torch.empty_like(part_mean1)
     block_m = max(16, min(64, triton.next_power_of_2(init)))
     block_k = max(16, min(32, triton.next_power_of_2(inp)))
     w1 = primary_weight.reshape(init, inp).contiguous()
-    wrap_triton(_f1_primary)[(blocks1, triton.cdiv(init, block_m))](
-        x, w1, z1, part_mean1, part_m21, n * P, P, wo, inp, init, stride, *x.stride(),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=BLOCK_P, DOT_F32=dot_in_float32(x),
+    wrap_triton(_f1_primary)[(tiles1, triton.cdiv(init, block_m))](
+        x, w1, z1, part_mean1, part_m21, n * P, P, wo, inp, init, stride, *x.stride(), *zs,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=block_p1, DOT_F32=dot_in_float32(x),
         **gemm_vectors(x),
     )  # fmt: skip
-    m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, dev))
+    m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, block_p1, dev))
     mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))
     sc1, sh1, _ = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
 
-    tiles = triton.cdiv(P, BLOCK_P)
-    part_mean2 = torch.empty((n * tiles, new), dtype=torch.float32, device=dev)
+    tile = channel_tile(new, y.stride(1) == 1, TILE_OUTPUTS)
+    tiles = triton.cdiv(n * P, tile["BLOCK_P"])
+    part_mean2 = torch.empty((tiles, new), dtype=torch.float32, device=dev)
     part_m22 = torch.empty_like(part_mean2)
     w2 = cheap_weight.reshape(new, d * d).contiguous()
-    wrap_triton(_f2_cheap)[(n * new, tiles)](
-        z1, y, w2, sc1, sh1, part_mean2, part_m22, P, ho, wo, init, ghost, new, per, *y.stride(),
-        D=d, RELU=relu, BLOCK=BLOCK_P,
+    wrap_triton(_f2_cheap)[(tiles, triton.cdiv(new, tile["BLOCK_C"]))](
+        z1, y, w2, sc1, sh1, part_mean2, part_m22, n * P, P, ho, wo, init, ghost, new, per,
+        *zs, *y.stride(), D=d, RELU=relu, **tile,
     )  # fmt: skip
-    counts2 = _tile_counts(P, dev).repeat(n)
-    m2, v2 = _combine(part_mean2, part_m22, counts2)
+    m2, v2 = _combine(part_mean2, part_m22, _tile_counts(n * P, tile["BLOCK_P"], dev))
     mean2, var2 = m2.to(_stats_dtype(x)), v2.to(_stats_dtype(x))
     if ghost > 0:
         sc2, sh2, _ = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
-        wrap_triton(_f3_affine_act)[(n * ghost, tiles)](
-            y, sc2, sh2, P, wo, init, ghost, *y.stride(), RELU=relu, BLOCK=BLOCK_P
+        tile = channel_tile(ghost, y.stride(1) == 1, TILE_OUTPUTS)
+        grid = (triton.cdiv(n * P, tile["BLOCK_P"]), triton.cdiv(ghost, tile["BLOCK_C"]))
+        wrap_triton(_f3_affine_act)[grid](
+            y, sc2, sh2, n * P, P, wo, init, ghost, *y.stride(), RELU=relu, **tile
         )
     return y, z1, mean1, var1, mean2, var2
 
@@ -397,64 +465,81 @@ def ghost_backward_triton(
     P, dev, f32 = ho * wo, x.device, torch.float32
     M = n * P
     relu = act == "relu"
-    tiles = triton.cdiv(P, BLOCK_P)
     sc1, sh1, invstd1 = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
     sc2, sh2, invstd2 = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
     mean1f, mean2f = mean1.float().contiguous(), mean2.float().contiguous()
     w2 = cheap_weight.reshape(new, d * d).contiguous()
-    z1 = z1.contiguous()
-    gs = grad_y.stride()
+    z1 = z1 if _evenly_spaced(z1) else z1.contiguous()
+    zs, gs = _plane_strides(z1), grad_y.stride()
+    # The backward's buffers (dz2, ga1) and tiles follow z1's layout (the forward's input's).
+    fmt = torch._prims_common.suggest_memory_format(z1)
+    channels_inner = z1.stride(1) == 1
 
     dgamma2 = torch.zeros(new, dtype=f32, device=dev)
     dbeta2 = torch.zeros(new, dtype=f32, device=dev)
     dw2 = torch.zeros((new, d * d), dtype=f32, device=dev)
-    dz2 = torch.empty((n, max(ghost, 1), P), dtype=f32, device=dev)
+    dz2 = torch.empty((n, max(ghost, 1), ho, wo), dtype=f32, device=dev, memory_format=fmt)
+    ds = _plane_strides(dz2)
     if ghost > 0:
-        sum_ga = torch.empty((n * tiles, ghost), dtype=f32, device=dev)
+        tile = channel_tile(ghost, channels_inner, TILE_OUTPUTS)
+        tiles = triton.cdiv(M, tile["BLOCK_P"])
+        grid = (tiles, triton.cdiv(ghost, tile["BLOCK_C"]))
+        sum_ga = torch.empty((tiles, ghost), dtype=f32, device=dev)
         sum_gx = torch.empty_like(sum_ga)
         common = (z1, grad_y, w2, sc1, sh1, sc2, sh2, mean2f, invstd2)
-        wrap_triton(_b1_ghost_sums)[(n * ghost, tiles)](
-            *common, sum_ga, sum_gx, P, ho, wo, init, ghost, per, *gs,
-            D=d, RELU=relu, BLOCK=BLOCK_P,
+        wrap_triton(_b1_ghost_sums)[grid](
+            *common, sum_ga, sum_gx, M, P, ho, wo, init, ghost, per, *zs, *gs,
+            D=d, RELU=relu, **tile,
         )  # fmt: skip
         dbeta2[:ghost] = sum_ga.sum(0)
         dgamma2[:ghost] = sum_gx.sum(0)
         k2 = (bn2_weight.float() * invstd2)[:ghost].contiguous()
         mg2, mx2 = (dbeta2[:ghost] / M).contiguous(), (dgamma2[:ghost] / M).contiguous()
-        dw_part = torch.empty((n * tiles, ghost, d * d), dtype=f32, device=dev)
-        wrap_triton(_b2_dz2)[(n * ghost, tiles)](
-            *common, k2, mg2, mx2, dz2, dw_part, P, ho, wo, init, ghost, per, *gs,
-            D=d, RELU=relu, BLOCK=BLOCK_P,
+        dw_part = torch.empty((tiles, ghost, d * d), dtype=f32, device=dev)
+        wrap_triton(_b2_dz2)[grid](
+            *common, k2, mg2, mx2, dz2, dw_part, M, P, ho, wo, init, ghost, per, *zs, *gs, *ds,
+            D=d, RELU=relu, **tile,
         )  # fmt: skip
         dw2[:ghost] = dw_part.sum(0)
 
-    ga1 = torch.empty((n, init, P), dtype=f32, device=dev)
-    sum_ga1 = torch.empty((n * tiles, init), dtype=f32, device=dev)
+    ga1 = torch.empty_like(z1, dtype=f32)
+    tile = channel_tile(init, channels_inner, TILE_OUTPUTS)
+    tiles = triton.cdiv(M, tile["BLOCK_P"])
+    sum_ga1 = torch.empty((tiles, init), dtype=f32, device=dev)
     sum_gx1 = torch.empty_like(sum_ga1)
-    wrap_triton(_b3_dx1)[(n * init, tiles)](
+    wrap_triton(_b3_dx1)[(tiles, triton.cdiv(init, tile["BLOCK_C"]))](
         z1, grad_y, dz2, w2, sc1, sh1, mean1f, invstd1, ga1, sum_ga1, sum_gx1,
-        P, ho, wo, init, ghost, per, *gs, D=d, RELU=relu, BLOCK=BLOCK_P,
+        M, P, ho, wo, init, ghost, per, *zs, *gs, *ds, D=d, RELU=relu, **tile,
     )  # fmt: skip
     dbeta1, dgamma1 = sum_ga1.sum(0), sum_gx1.sum(0)
 
-    # dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs.
-    k1 = (bn1_weight.float() * invstd1)[:, None]
-    x1hat = (z1.reshape(n, init, P).float() - mean1f[:, None]) * invstd1[:, None]
-    dz1 = k1 * (ga1 - (dbeta1 / M)[:, None] - x1hat * (dgamma1 / M)[:, None])
-    w1 = primary_weight.reshape(init, inp).float()
+    # dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in float32, then the primary conv's
+    # GEMMs in x's dtype (tensor cores for half inputs, float32 accumulation, as cuDNN's conv
+    # backward), pixels x channels where channels are innermost.
+    def per_channel(v):
+        return v[:, None, None]
+
+    x1hat = (z1.float() - per_channel(mean1f)) * per_channel(invstd1)
+    dz1 = per_channel(bn1_weight.float() * invstd1) * (
+        ga1 - per_channel(dbeta1 / M) - x1hat * per_channel(dgamma1 / M)
+    )
+    dz1 = dz1.to(x.dtype)
+    w1 = primary_weight.reshape(init, inp)
     grad_x = x.new_empty(0)
     grad_w1 = x.new_empty(0)
     if output_mask[0]:
-        gxs = torch.matmul(w1.t(), dz1).reshape(n, inp, ho, wo).to(x.dtype)
+        if channels_inner:
+            gxs = torch.matmul(dz1.permute(0, 2, 3, 1), w1).permute(0, 3, 1, 2)
+        else:
+            gxs = torch.matmul(w1.t(), dz1.reshape(n, init, P)).reshape(n, inp, ho, wo)
         if stride == 1:
             grad_x = gxs.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
         else:
             grad_x = torch.zeros_like(x)
             grad_x[:, :, ::stride, ::stride] = gxs
     if output_mask[1]:
-        xs = x[:, :, ::stride, ::stride].reshape(n, inp, P).float()
-        gw = torch.einsum("nip,ncp->ic", dz1, xs)
-        grad_w1 = gw.reshape(primary_weight.shape).to(x.dtype)
+        gw = torch.einsum("nchw,nihw->ci", dz1, x[:, :, ::stride, ::stride])
+        grad_w1 = gw.reshape(primary_weight.shape)
     return (grad_x, grad_w1, dgamma1.to(bn1_weight.dtype), dbeta1.to(bn1_bias.dtype),
             dw2.reshape(cheap_weight.shape).to(x.dtype), dgamma2.to(bn2_weight.dtype),
             dbeta2.to(bn2_bias.dtype))  # fmt: skip
