@@ -16,7 +16,9 @@
 //                    halo's recomputation would cost more than the re-read (wide primaries on
 //                    small maps), and for other d and float64.
 // Ghost channels past oup are never computed. Any strides (NCHW, channels_last, views): the
-// output follows the input's memory format. Float arithmetic, no tensor cores yet.
+// output follows the input's memory format; where x's or y's channel stride is 1
+// (channels_last), every kernel has consecutive threads access its consecutive channels, so
+// those accesses coalesce. Float arithmetic, no tensor cores yet.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,7 +48,8 @@ struct EvalParams {
 constexpr int kThreads = kGemmThreads;
 
 // y[n, m, p] = act(b[m] + sum_k w[m, k] x[n, k, p * stride]) for a 32 x 64 tile of (channel,
-// pixel) (primary_gemm.cuh); pixels run over all images (n * Ho * Wo of them).
+// pixel) (primary_gemm.cuh); pixels run over all images (n * Ho * Wo of them). In channels_last
+// the tile is staged in shared memory so that consecutive threads store consecutive channels.
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     primary_kernel(const T* __restrict__ x, const float* __restrict__ w,
@@ -57,6 +60,26 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t P = p.Ho * p.Wo, n_pix = p.N * P;
   const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  if (p.syc == 1) {
+    // channels_last: the tile through shared memory, then written with the channel fastest.
+    // Rows of kTileM + 2: each half-warp's float2 stores (a channel pair, 16 pixels) hit all
+    // 32 banks once.
+    __shared__ __align__(8) float out[kTileP][kTileM + 2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<float2*>(&out[tx + 16 * j][2 * ty]) = make_float2(acc[0][j], acc[1][j]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileM * kTileP; i += kThreads) {
+      const int c = i % kTileM, q = i / kTileM;
+      const int64_t m = m0 + c, pix = pix0 + q;
+      if (m >= p.init || pix >= n_pix) continue;
+      const int64_t n = pix / P, r = pix % P, ho = r / p.Wo, wo = r % p.Wo;
+      y[n * p.syn + m * p.syc + ho * p.syh + wo * p.syw] =
+          static_cast<T>(activate<A>(out[q][c] + b[m]));
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t m = m0 + 2 * ty + i;
@@ -73,15 +96,19 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y[n, init + j, ho, wo] = act(b[j] + sum over taps of w[j, tap] y[n, j / per, ho + dy - h,
-// wo + dx - h]), zero outside the map. One thread an output element, grid-stride.
+// wo + dx - h]), zero outside the map. One thread an output element, grid-stride; consecutive
+// threads take consecutive pixels, or in channels_last consecutive j (so y's accesses coalesce).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     cheap_kernel(T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
                  EvalParams p) {
   const int64_t P = p.Ho * p.Wo, total = p.N * p.ghost * P, h = p.d / 2;
+  const bool y_channels_inner = p.syc == 1;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i % P, j = (i / P) % p.ghost, n = i / (P * p.ghost);
+    const int64_t r = y_channels_inner ? (i / p.ghost) % P : i % P;
+    const int64_t j = y_channels_inner ? i % p.ghost : (i / P) % p.ghost;
+    const int64_t n = i / (P * p.ghost);
     const int64_t ho = r / p.Wo, wo = r % p.Wo;
     const T* src = y + n * p.syn + (j / p.per) * p.syc;
     const float* wj = w + j * p.d * p.d;

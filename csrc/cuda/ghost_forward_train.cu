@@ -96,15 +96,19 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
 }
 
-// y[:, init + j] = act(y sc2[j] + sh2[j]) for j < ghost, grid-stride.
+// y[:, init + j] = act(y sc2[j] + sh2[j]) for j < ghost, grid-stride; consecutive threads take
+// consecutive pixels, or in channels_last consecutive j (so y's accesses coalesce).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kPlaneThreads)
     f3_affine_act(T* __restrict__ y, const float* __restrict__ sc2,
                   const float* __restrict__ sh2, TrainParams p) {
   const int64_t total = p.N * p.ghost * p.P;
+  const bool y_channels_inner = p.syc == 1;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t q = e % p.P, j = (e / p.P) % p.ghost, n = e / (p.P * p.ghost);
+    const int64_t q = y_channels_inner ? (e / p.ghost) % p.P : e % p.P;
+    const int64_t j = y_channels_inner ? e % p.ghost : (e / p.P) % p.ghost;
+    const int64_t n = e / (p.P * p.ghost);
     T* v = y + n * p.syn + (p.init + j) * p.syc + q / p.Wo * p.syh + q % p.Wo * p.syw;
     *v = static_cast<T>(activate<A>(fmaf(static_cast<float>(*v), sc2[j], sh2[j])));
   }

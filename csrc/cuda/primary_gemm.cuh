@@ -23,11 +23,13 @@ template <typename T>
 __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
                                                   const float* __restrict__ w,
                                                   const GemmShape& g, float (&acc)[2][4]) {
-  __shared__ float ws[kTileK][kTileM + 1];  // + 1: the k-fastest stores hit distinct banks
-  __shared__ float xs[kTileK][kTileP];
+  // Rows padded by 2: the k-fastest stores (of w, and of x in channels_last) hit distinct banks.
+  __shared__ float ws[kTileK][kTileM + 2];
+  __shared__ float xs[kTileK][kTileP + 2];
   const int64_t P = g.Ho * g.Wo, n_pix = g.N * P;
   const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const bool x_channels_inner = g.sxc == 1;  // channels_last: consecutive threads, channels
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -39,7 +41,8 @@ __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
       ws[k][m] = ok ? w[(m0 + m) * g.C + k0 + k] : 0.f;
     }
     for (int i = threadIdx.x; i < kTileK * kTileP; i += kGemmThreads) {
-      const int q = i % kTileP, k = i / kTileP;
+      const int q = x_channels_inner ? i / kTileK : i % kTileP;
+      const int k = x_channels_inner ? i % kTileK : i / kTileP;
       const int64_t pix = pix0 + q;
       float v = 0.f;
       if (pix < n_pix && k0 + k < g.C) {
