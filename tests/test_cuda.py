@@ -35,6 +35,34 @@ def test_cuda_kernels_are_registered_when_built_with_cuda(op):
         assert not built
 
 
+@pytest.mark.skipif(
+    not _ext.cpu_available() or not _ext.require().built_with_cuda(),
+    reason="the extension was built without the CUDA kernels",
+)
+def test_cuda_kernels_compile_for_sm90_without_spills():
+    """Every CUDA kernel instantiation (tests/cuda_resource_usage.py: nvcc for sm_90, ptxas's
+    resource report, no GPU needed) compiles, spills no register and keeps its shared memory
+    within the 48 KB a block gets without opting in; every kernel of the three ops is there,
+    for float / half / bfloat16 only (float64 is refused, not run in float)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("cuda_resource_usage.py")
+    run = subprocess.run([sys.executable, str(script), "--arch", "90"], capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines and all(line.startswith("ok    sm_90 ") for line in lines), run.stdout
+    names = {re.search(r"::(\w+)<", line.split("; ", 1)[1]).group(1) for line in lines}
+    assert names == {"one_pass_kernel", "primary_kernel", "cheap_kernel", "f1_primary",
+                     "f2_cheap", "f3_affine_act", "b1_ghost_sums", "b2_dz2", "b3_dx1"}  # fmt: skip
+    assert not any("<double" in line for line in lines), run.stdout
+    smem = [int(re.search(r"smem (\d+) B", line).group(1)) for line in lines]
+    assert max(smem) <= 48 * 1024, run.stdout
+
+
 CASES = [
     Case(6, 10, 9, 11),
     Case(5, 7, 9, 11, relu=False),
@@ -193,3 +221,14 @@ def test_cuda_eval_form_override_is_checked(monkeypatch):
     monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", "fast")
     with pytest.raises(RuntimeError, match="GHOSTOPS_CUDA_EVAL='fast'"):
         run_fused(case, x.cuda(), [t.cuda() for t in p])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_eval_op_refuses_float64():
+    """The kernels compute in float: a float64 call is an error, not a silently float answer
+    (GhostModule sends float64 to the reference before it gets here)."""
+    case = Case(6, 10, 5, 5)
+    x, p = make_args(case)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16 on the GPU"):
+        run_fused(case, x.cuda().double(), [t.cuda().double() for t in p])

@@ -200,7 +200,7 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   at::Tensor ga1 = at::empty({s.batch, s.init, P}, f32);
   at::Tensor sum_ga1 = at::empty({s.batch * tiles, s.init}, f32);
   at::Tensor sum_gx1 = at::empty_like(sum_ga1);
-  dispatch_train_dtype(op, x.scalar_type(), [&](auto tag) {
+  dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto passes = [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;

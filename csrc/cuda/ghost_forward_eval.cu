@@ -14,13 +14,13 @@
 //                    BN1 + act in its epilogue, into y[:, :init]; then the depthwise op reading
 //                    those channels back (from L2), BN2 + act, into y[:, init:oup]: where the
 //                    halo's recomputation would cost more than the re-read (wide primaries on
-//                    small maps), and for other d and float64.
+//                    small maps), and for other d.
 // Ghost channels past oup are never computed. Any strides (NCHW, channels_last, views): the
 // output follows the input's memory format; where x's or y's channel stride is 1
 // (channels_last), every kernel has consecutive threads access its consecutive channels, so
-// those accesses coalesce. Float arithmetic, no tensor cores yet.
+// those accesses coalesce. float / half / bfloat16 (float64 is refused: ghostops runs it
+// through the reference), float arithmetic, no tensor cores yet.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +33,7 @@
 #include <utility>
 
 #include "../ghost_common.h"
+#include "dtype_dispatch.cuh"
 #include "primary_gemm.cuh"
 
 namespace ghostops::cuda {
@@ -338,23 +339,20 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
                      s.ghost,     s.ratio - 1, s.dw,        s.stride,    x.stride(0),
                      x.stride(1), x.stride(2), x.stride(3), y.stride(0), y.stride(1),
                      y.stride(2), y.stride(3)};
-  const bool one_pass =
-      x.scalar_type() != at::kDouble && use_one_pass(p, s.oup, x.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_forward_eval_cuda", [&] {
-        auto run = [&](auto act_tag) {
-          constexpr Act A = decltype(act_tag)::value;
-          if constexpr (!std::is_same_v<scalar_t, double>) {
-            if (one_pass && launch_one_pass<scalar_t, A>(x, w1, b1, w2, b2, y, p)) return;
-          }
-          launch<scalar_t, A>(x, w1, b1, w2, b2, y, p);
-        };
-        if (activation == Act::ReLU) {
-          run(std::integral_constant<Act, Act::ReLU>{});
-        } else {
-          run(std::integral_constant<Act, Act::Identity>{});
-        }
-      });
+  const bool one_pass = use_one_pass(p, s.oup, x.element_size());
+  dispatch_gpu_dtype("ghost_forward_eval (CUDA kernel)", x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto act_tag) {
+      constexpr Act A = decltype(act_tag)::value;
+      if (one_pass && launch_one_pass<T, A>(x, w1, b1, w2, b2, y, p)) return;
+      launch<T, A>(x, w1, b1, w2, b2, y, p);
+    };
+    if (activation == Act::ReLU) {
+      run(std::integral_constant<Act, Act::ReLU>{});
+    } else {
+      run(std::integral_constant<Act, Act::Identity>{});
+    }
+  });
   return y;
 }
 

@@ -158,7 +158,7 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
                       s.ghost,     new_ch,      s.ratio - 1, s.dw,        y.stride(0),
                       y.stride(1), y.stride(2), y.stride(3)};
   at::Tensor mean1, var1, mean2, var2;
-  dispatch_train_dtype(op, x.scalar_type(), [&](auto tag) {
+  dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     f1_primary<T><<<dim3(tiles1, cdiv(s.init, kTileM)), kGemmThreads, 0, stream>>>(
         x.const_data_ptr<T>(), w1.const_data_ptr<float>(), z1.mutable_data_ptr<float>(),

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "../ghost_common.h"
+#include "dtype_dispatch.cuh"
 
 namespace ghostops::cuda {
 
@@ -131,19 +132,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(const at::Tensor
   const at::Tensor scale = (gamma.to(at::kFloat) * invstd).contiguous();
   const at::Tensor shift = (beta.to(at::kFloat) - mean.to(at::kFloat) * scale).contiguous();
   return {scale, shift, invstd.contiguous()};
-}
-
-// Calls f(T{}) for x's dtype: float, half or bfloat16 (float64 runs the reference).
-template <typename F>
-void dispatch_train_dtype(const char* op, at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32, float16 or bfloat16 on the GPU, got ", dtype,
-                  " (ghostops runs other dtypes through the reference)");
-  }
 }
 
 }  // namespace ghostops::cuda
