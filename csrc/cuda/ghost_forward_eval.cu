@@ -18,8 +18,9 @@
 // Ghost channels past oup are never computed. Any strides (NCHW, channels_last, views): the
 // output follows the input's memory format; where x's or y's channel stride is 1
 // (channels_last), every kernel has consecutive threads access its consecutive channels, so
-// those accesses coalesce. float / half / bfloat16 (float64 is refused: ghostops runs it
-// through the reference), float arithmetic, no tensor cores yet.
+// those accesses coalesce, and the GEMM reads x as 16-byte vectors where it can. float / half /
+// bfloat16 (float64 is refused: ghostops runs it through the reference), float arithmetic, no
+// tensor cores yet.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,6 +45,7 @@ struct EvalParams {
   int64_t N, C, Ho, Wo, init, ghost, per, d, stride;
   int64_t sxn, sxc, sxh, sxw;  // x
   int64_t syn, syc, syh, syw;  // y
+  bool x_vectors = false;      // GemmShape::x_vectors
 };
 
 constexpr int kThreads = kGemmThreads;
@@ -55,7 +57,8 @@ template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     primary_kernel(const T* __restrict__ x, const float* __restrict__ w,
                    const float* __restrict__ b, T* __restrict__ y, EvalParams p) {
-  const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
+  const GemmShape g{p.N,   p.C,   p.init, p.Ho,  p.Wo,       p.stride,
+                    p.sxn, p.sxc, p.sxh,  p.sxw, p.x_vectors};
   float acc[2][4];
   primary_gemm_tile(x, w, g, acc);
   const int64_t P = p.Ho * p.Wo, n_pix = p.N * P;
@@ -338,7 +341,7 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
   const EvalParams p{s.batch,     s.inp,       s.out_h,     s.out_w,     s.init,
                      s.ghost,     s.ratio - 1, s.dw,        s.stride,    x.stride(0),
                      x.stride(1), x.stride(2), x.stride(3), y.stride(0), y.stride(1),
-                     y.stride(2), y.stride(3)};
+                     y.stride(2), y.stride(3), x_channel_vectors(x)};
   const bool one_pass = use_one_pass(p, s.oup, x.element_size());
   dispatch_gpu_dtype("ghost_forward_eval (CUDA kernel)", x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
