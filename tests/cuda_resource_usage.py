@@ -26,11 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The defines and options of setup.py's nvcc command (and torch's cpp_extension's own).
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-DGHOSTOPS_WITH_CUDA", "-std=c++20",
-              "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-              "-D__CUDA_NO_HALF2_OPERATORS__"]  # fmt: skip
+# setup.py's nvcc options; torch's cpp_extension adds its COMMON_NVCC_FLAGS and the standard.
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-DGHOSTOPS_WITH_CUDA", "-std=c++20"]
 
 ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -39,28 +36,26 @@ SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def nvcc() -> str:
+    if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/include"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # setup.py's guess, before cpp_extension's
     home = os.environ.get("CUDA_HOME")
-    if not home and os.path.isdir("/usr/local/cuda/include"):
-        home = "/usr/local/cuda"
     path = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
     if not path or not os.path.exists(path):
         raise SystemExit("nvcc not found: set CUDA_HOME")
     return path
 
 
-def include_flags() -> list[str]:
-    import torch
+def torch_flags() -> list[str]:
+    """torch's own nvcc defines and its include directories, as cpp_extension passes them."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-    inc = Path(torch.__file__).parent / "include"
-    return [f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{ROOT / 'csrc'}"]
+    return [*COMMON_NVCC_FLAGS, *(f"-I{d}" for d in include_paths()), f"-I{ROOT / 'csrc'}"]
 
 
-def compile_file(source: Path, arch: str, outdir: str) -> tuple[Path, int, str]:
+def compile_file(source: Path, nvcc_cmd: list[str], outdir: str) -> tuple[Path, int, str]:
     """(source, nvcc's exit status, its output: the ptxas report or the errors)."""
     cubin = os.path.join(outdir, source.stem + ".cubin")
-    cmd = [nvcc(), "-cubin", f"-arch=sm_{arch}", "--resource-usage", *NVCC_FLAGS,
-           *include_flags(), "-o", cubin, str(source)]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run([*nvcc_cmd, "-o", cubin, str(source)], capture_output=True, text=True)
     return source, run.returncode, run.stdout + run.stderr
 
 
@@ -94,10 +89,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    cmd = [nvcc(), "-cubin", f"-arch=sm_{args.arch}", "--resource-usage", *NVCC_FLAGS,
+           *torch_flags()]  # fmt: skip
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda s: compile_file(s, args.arch, tmp), sources))
+            results = list(pool.map(lambda s: compile_file(s, cmd, tmp), sources))
     for source, rc, report in results:
         if rc != 0:
             print(f"FAIL {source.name}\n{report}")

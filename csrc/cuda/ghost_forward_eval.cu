@@ -45,7 +45,6 @@ struct EvalParams {
   int64_t N, C, Ho, Wo, init, ghost, per, d, stride;
   int64_t sxn, sxc, sxh, sxw;  // x
   int64_t syn, syc, syh, syw;  // y
-  bool x_vectors = false;      // GemmShape::x_vectors
 };
 
 constexpr int kThreads = kGemmThreads;
@@ -57,8 +56,7 @@ template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     primary_kernel(const T* __restrict__ x, const float* __restrict__ w,
                    const float* __restrict__ b, T* __restrict__ y, EvalParams p) {
-  const GemmShape g{p.N,   p.C,   p.init, p.Ho,  p.Wo,       p.stride,
-                    p.sxn, p.sxc, p.sxh,  p.sxw, p.x_vectors};
+  const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
   float acc[2][4];
   primary_gemm_tile(x, w, g, acc);
   const int64_t P = p.Ho * p.Wo, n_pix = p.N * P;
@@ -341,7 +339,7 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
   const EvalParams p{s.batch,     s.inp,       s.out_h,     s.out_w,     s.init,
                      s.ghost,     s.ratio - 1, s.dw,        s.stride,    x.stride(0),
                      x.stride(1), x.stride(2), x.stride(3), y.stride(0), y.stride(1),
-                     y.stride(2), y.stride(3), x_channel_vectors(x)};
+                     y.stride(2), y.stride(3)};
   const bool one_pass = use_one_pass(p, s.oup, x.element_size());
   dispatch_gpu_dtype("ghost_forward_eval (CUDA kernel)", x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -152,9 +152,8 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   at::Tensor part_mean1 = at::empty({tiles1, s.init}, f32), part_m21 = at::empty_like(part_mean1);
   at::Tensor part_mean2 = at::empty({s.batch * tiles, new_ch}, f32);
   at::Tensor part_m22 = at::empty_like(part_mean2);
-  const GemmShape g{s.batch,     s.inp,       s.init,      s.out_h,     s.out_w,
-                    s.stride,    x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-                    x_channel_vectors(x)};
+  const GemmShape g{s.batch, s.inp, s.init, s.out_h, s.out_w, s.stride,
+                    x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const TrainParams p{s.batch,     s.out_h,     s.out_w,     P,           s.init,
                       s.ghost,     new_ch,      s.ratio - 1, s.dw,        y.stride(0),
                       y.stride(1), y.stride(2), y.stride(3)};

@@ -2,8 +2,6 @@
 // training forward (ghost_forward_train.cu): a shared-memory tiled GEMM, float accumulation.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
 
 namespace ghostops::cuda {
@@ -15,18 +13,16 @@ constexpr int kTileM = 32, kTileP = 64, kTileK = 16, kGemmThreads = 256;
 struct GemmShape {
   int64_t N, C, M, Ho, Wo, stride;
   int64_t sxn, sxc, sxh, sxw;  // x
-  bool x_vectors = false;      // x's channels load as 16-byte vectors (x_channel_vectors)
 };
 
-// Whether every pixel's channels of x are whole, aligned 16-byte vectors: channels innermost
-// (channels_last; NCHW on a 1x1 map), C and the strides of the other dims (of size > 1) multiples
-// of a vector, the data 16-byte aligned.
-inline bool x_channel_vectors(const at::Tensor& x) {
-  const int64_t v = 16 / x.element_size();
-  bool ok = x.stride(1) == 1 && x.size(1) % v == 0 &&
-            reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0;
-  for (const int d : {0, 2, 3}) ok = ok && (x.size(d) == 1 || x.stride(d) % v == 0);
-  return ok;
+// Whether every sampled pixel's channels of x are whole, aligned vectors of v elements (16
+// bytes): channels innermost (channels_last; NCHW on a 1x1 map), C and the strides the pixels
+// step by multiples of v, the data 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ bool x_channel_vectors(const T* x, const GemmShape& g, int64_t v) {
+  return g.sxc == 1 && g.C % v == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
+         (g.N == 1 || g.sxn % v == 0) && (g.Ho == 1 || g.sxh % v == 0) &&
+         (g.Wo == 1 || g.sxw % v == 0);
 }
 
 // acc[i][j] = sum_k w[m0 + 2 ty + i, k] x[k, pixel pix0 + tx + 16 j] for this block's 32 x 64
@@ -44,6 +40,13 @@ __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
   const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const bool x_channels_inner = g.sxc == 1;  // channels_last: consecutive threads, channels
+  constexpr int kVec = 16 / sizeof(T), kPerPixel = kTileK / kVec;
+  static_assert(kTileK % kVec == 0, "a K tile holds whole vectors");
+  const bool x_vectors = x_channel_vectors(x, g, kVec);
+  auto pixel = [&](int64_t pix) {  // x's offset of the (strided) input pixel of output pix
+    const int64_t n = pix / P, r = pix % P, ho = r / g.Wo, wo = r % g.Wo;
+    return n * g.sxn + ho * g.stride * g.sxh + wo * g.stride * g.sxw;
+  };
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -54,19 +57,15 @@ __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
       const bool ok = m0 + m < g.M && k0 + k < g.C;
       ws[k][m] = ok ? w[(m0 + m) * g.C + k0 + k] : 0.f;
     }
-    if (g.x_vectors) {
+    if (x_vectors) {
       // A thread loads one 16-byte vector, kVec consecutive channels of one pixel; in a warp,
       // (2 (k + u) + q) % 32 differ, so the stores into xs hit distinct banks.
-      constexpr int kVec = 16 / sizeof(T), kPerPixel = kTileK / kVec;
-      static_assert(kTileK % kVec == 0, "a K tile holds whole vectors");
       for (int i = threadIdx.x; i < kTileP * kPerPixel; i += kGemmThreads) {
         const int q = i / kPerPixel, k = (i % kPerPixel) * kVec;
         const int64_t pix = pix0 + q;
         float v[kVec];
         if (pix < n_pix && k0 + k < g.C) {  // C a multiple of kVec: the whole vector is in x
-          const int64_t n = pix / P, r = pix % P, ho = r / g.Wo, wo = r % g.Wo;
-          const uint4 raw = *reinterpret_cast<const uint4*>(
-              x + n * g.sxn + k0 + k + ho * g.stride * g.sxh + wo * g.stride * g.sxw);
+          const uint4 raw = *reinterpret_cast<const uint4*>(x + pixel(pix) + k0 + k);
           const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
           for (int u = 0; u < kVec; ++u) v[u] = static_cast<float>(e[u]);
@@ -83,11 +82,7 @@ __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
         const int k = x_channels_inner ? i % kTileK : i / kTileP;
         const int64_t pix = pix0 + q;
         float v = 0.f;
-        if (pix < n_pix && k0 + k < g.C) {
-          const int64_t n = pix / P, r = pix % P, ho = r / g.Wo, wo = r % g.Wo;
-          v = static_cast<float>(x[n * g.sxn + (k0 + k) * g.sxc + ho * g.stride * g.sxh +
-                                   wo * g.stride * g.sxw]);
-        }
+        if (pix < n_pix && k0 + k < g.C) v = static_cast<float>(x[pixel(pix) + (k0 + k) * g.sxc]);
         xs[k][q] = v;
       }
     }
