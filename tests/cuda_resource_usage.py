@@ -1,5 +1,6 @@
 """Compile ghostops' CUDA kernels (csrc/cuda/*.cu) for a GPU, without one, and report what
-ptxas says of each: registers, spilled bytes, shared memory.
+ptxas says of each: registers, spilled bytes, shared memory; and whether it uses the tensor
+cores.
 
 A machine without a GPU cannot run the CUDA backend, but it can compile it for the target and
 read ptxas's resource report (``nvcc --resource-usage``): a kernel that spills registers to
@@ -9,8 +10,9 @@ build compiles the same files with the same defines (tests/test_cuda.py runs thi
     python tests/cuda_resource_usage.py [--arch 90] [--jobs 2]
 
 One line per kernel instantiation (demangled): ``ok`` or ``SPILL``, registers, spill stores /
-loads in bytes, shared memory in bytes, then the kernel; exit status 1 if a file failed to
-compile or a kernel spilled. Needs nvcc (``CUDA_HOME``, else /usr/local/cuda, as setup.py).
+loads in bytes, shared memory in bytes, tensor-core instructions in its PTX (``mma.sync``,
+WMMA's included), then the kernel; exit status 1 if a file failed to compile or a kernel
+spilled. Needs nvcc (``CUDA_HOME``, else /usr/local/cuda, as setup.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 USED = re.compile(r"Used (\d+) registers")
 SMEM = re.compile(r"(\d+) bytes smem")
+PTX_ENTRY = re.compile(r"\.entry (\w+)\(")
 
 
 def nvcc() -> str:
@@ -52,11 +55,28 @@ def torch_flags() -> list[str]:
     return [*COMMON_NVCC_FLAGS, *(f"-I{d}" for d in include_paths()), f"-I{ROOT / 'csrc'}"]
 
 
-def compile_file(source: Path, nvcc_cmd: list[str], outdir: str) -> tuple[Path, int, str]:
-    """(source, nvcc's exit status, its output: the ptxas report or the errors)."""
-    cubin = os.path.join(outdir, source.stem + ".cubin")
-    run = subprocess.run([*nvcc_cmd, "-o", cubin, str(source)], capture_output=True, text=True)
-    return source, run.returncode, run.stdout + run.stderr
+def compile_file(source: Path, nvcc_cmd: list[str], outdir: str) -> tuple[Path, int, str, str]:
+    """(source, nvcc's exit status, its output: the ptxas report or the errors, the PTX)."""
+    keep = os.path.join(outdir, source.stem)
+    os.makedirs(keep)
+    cubin = os.path.join(keep, source.stem + ".cubin")
+    run = subprocess.run([*nvcc_cmd, "-keep", "-keep-dir", keep, "-o", cubin, str(source)],
+                         capture_output=True, text=True)  # fmt: skip
+    ptx = "".join(Path(f).read_text() for f in sorted(Path(keep).glob("*.ptx")))
+    return source, run.returncode, run.stdout + run.stderr, ptx
+
+
+def mma_counts(ptx: str) -> dict[str, int]:
+    """Tensor-core instructions (``mma.sync``, WMMA's included) in each kernel (entry) of the
+    PTX; device functions are inlined into their kernels here."""
+    counts, name = {}, None
+    for line in ptx.splitlines():
+        if m := PTX_ENTRY.search(line):
+            name = m.group(1)
+            counts[name] = 0
+        elif name and "mma.sync" in line:
+            counts[name] += 1
+    return counts
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -95,19 +115,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda s: compile_file(s, cmd, tmp), sources))
-    for source, rc, report in results:
+    for source, rc, report, ptx in results:
         if rc != 0:
             print(f"FAIL {source.name}\n{report}")
             failed = True
             continue
         found = kernels(report)
         names = demangle([k["name"] for k in found])
+        mma = mma_counts(ptx)
         for k in found:
             spilled = k["spill_st"] + k["spill_ld"] > 0
             failed |= spilled
             print(f"{'SPILL' if spilled else 'ok':5} {k['arch']} {source.name}: {k['regs']} regs, "
-                  f"spill {k['spill_st']}/{k['spill_ld']} B, smem {k['smem']} B; "
-                  f"{names[k['name']]}")  # fmt: skip
+                  f"spill {k['spill_st']}/{k['spill_ld']} B, smem {k['smem']} B, "
+                  f"mma {mma.get(k['name'], 0)}; {names[k['name']]}")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -43,7 +43,8 @@ def test_cuda_kernels_compile_for_sm90_without_spills():
     """Every CUDA kernel instantiation (tests/cuda_resource_usage.py: nvcc for sm_90, ptxas's
     resource report, no GPU needed) compiles, spills no register and keeps its shared memory
     within the 48 KB a block gets without opting in; every kernel of the three ops is there,
-    for float / half / bfloat16 only (float64 is refused, not run in float)."""
+    for float / half / bfloat16 only (float64 is refused, not run in float); the half and
+    bfloat16 primary GEMMs have tensor-core instructions."""
     import re
     import subprocess
     import sys
@@ -61,6 +62,12 @@ def test_cuda_kernels_compile_for_sm90_without_spills():
     assert not any("<double" in line for line in lines), run.stdout
     smem = [int(re.search(r"smem (\d+) B", line).group(1)) for line in lines]
     assert max(smem) <= 48 * 1024, run.stdout
+    # The primary GEMMs of half / bfloat16 run on the tensor cores, float's and the rest do not.
+    gemms = ("one_pass_kernel<", "primary_kernel<", "f1_primary<")
+    for line in lines:
+        mma = int(re.search(r"mma (\d+);", line).group(1))
+        half = any(f"{k}c10::Half" in line or f"{k}c10::BFloat16" in line for k in gemms)
+        assert (mma > 0) == half, line
 
 
 CASES = [
@@ -77,6 +84,10 @@ CASES = [
     Case(4, 9, 6, 7, ratio=4, dw_size=7, relu=False),
     Case(20, 200, 19, 37, ratio=3, channels_last=True),  # several channel blocks and tiles
     Case(8, 12, 10, 9, dw_size=9),  # d 9: the two-kernel form whatever is forced
+    # channels_last with C a multiple of 8: the GEMMs' 16-byte vector loads of x, K in several
+    # tensor-core slices with a remainder (64 + 8; 32 + 32 + 8), odd oup, 2 channel blocks.
+    Case(72, 57, 28, 28, batch=3, channels_last=True),
+    Case(200, 80, 14, 14, batch=4, channels_last=True, relu=False),
 ]
 
 

@@ -6,27 +6,29 @@
 //                    16 intrinsic channels; it computes their x1 = act(BN1(W1 x)) on the tile
 //                    plus its d / 2 halo (recomputed, never read from a neighbour) into shared
 //                    memory, writes the interior to y[:, c], then the depthwise cheap op + BN2 +
-//                    act for the ghost channels of those intrinsic channels into y[:, init + j].
-//                    x read once (halo aside), y written once, nothing read back. d in {1, 3,
-//                    5, 7}, float / half / bfloat16;
-//   primary_kernel + cheap_kernel  the 1x1 conv as a shared-memory tiled GEMM
-//                    (primary_gemm.cuh: 32 channels x 64 pixels a block, float accumulation),
-//                    BN1 + act in its epilogue, into y[:, :init]; then the depthwise op reading
-//                    those channels back (from L2), BN2 + act, into y[:, init:oup]: where the
-//                    halo's recomputation would cost more than the re-read (wide primaries on
-//                    small maps), and for other d.
-// Ghost channels past oup are never computed. Any strides (NCHW, channels_last, views): the
-// output follows the input's memory format; where x's or y's channel stride is 1
-// (channels_last), every kernel has consecutive threads access its consecutive channels, so
-// those accesses coalesce, and the GEMM reads x as 16-byte vectors where it can. float / half /
-// bfloat16 (float64 is refused: ghostops runs it through the reference), float arithmetic, no
-// tensor cores yet.
+//                    act for the ghost channels of those intrinsic channels into y[:, init + j]
+//                    (a thread a run of 8 outputs along a row, the window in registers). x read
+//                    once (halo aside), y written once, nothing read back. d in {1, 3, 5, 7};
+//   primary_kernel + cheap_kernel  the 1x1 conv as a tiled GEMM (primary_gemm.cuh: 32 channels
+//                    x 64 pixels a block), BN1 + act in its epilogue, into y[:, :init]; then the
+//                    depthwise op reading those channels back (from L2), BN2 + act, into
+//                    y[:, init:oup]: where the halo's recomputation would cost more than the
+//                    re-read (wide primaries on small maps), and for other d.
+// Both primary GEMMs run on the tensor cores (WMMA, float accumulation, the folded W1 rounded to
+// x's dtype as the Triton backend does) for half / bfloat16 on sm_80 and later, as float FMAs
+// for float (and on older GPUs). Ghost channels past oup are never computed. Any strides (NCHW,
+// channels_last, views): the output follows the input's memory format; where x's or y's
+// channel stride is 1 (channels_last), every kernel has consecutive threads access its
+// consecutive channels, so those accesses coalesce, and both GEMMs read x as 16-byte vectors of
+// channels where they can. float / half / bfloat16 (float64 is refused: ghostops runs it through
+// the reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -130,38 +132,59 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The one-pass tile: TH x TW output pixels, kOnePassChannels intrinsic channels, the halo
-// of a D x D cheap op around it; K (input channels) in slices of kOnePassK through shared
-// memory.
+// of a D x D cheap op around it; K (input channels) in slices through shared memory (of
+// kOnePassK with float FMAs, kOnePassMmaK on the tensor cores).
 constexpr int kOnePassTH = 8, kOnePassTW = 16, kOnePassChannels = 16, kOnePassK = 16;
+constexpr int kOnePassMmaK = 32, kOnePassMmaLd = kOnePassMmaK + 8;  // ldm: rows 80 bytes apart
+// The cheap op: a thread computes kCheapRun outputs along a row, the window in registers.
+constexpr int kCheapRun = 8;
+static_assert(kOnePassTW % kCheapRun == 0, "a tile row holds whole runs");
 
 template <int D>
 struct OnePassTile {
   static constexpr int kHalo = D / 2, kRows = kOnePassTH + 2 * kHalo,
                        kCols = kOnePassTW + 2 * kHalo, kPixels = kRows * kCols;
-  // GEMM outputs (channel, halo pixel) per thread.
+  // x1's row length in shared memory: odd, so a warp's 16 channels at one pixel hit distinct
+  // banks.
+  static constexpr int kX1Ld = kPixels | 1;
+  // Float FMAs: GEMM outputs (channel, halo pixel) per thread.
   static constexpr int kOuts = (kOnePassChannels * kPixels + kThreads - 1) / kThreads;
+  // Tensor cores: halo pixels in whole 16-pixel fragments, spread over the 8 warps; the
+  // accumulator tile's row length, 8 banks past a multiple of 32 (a fragment store's two
+  // halves of 8 rows each cover the banks once).
+  static constexpr int kPixelsPadded = (kPixels + 15) / 16 * 16, kFrags = kPixelsPadded / 16,
+                       kFragsPerWarp = (kFrags + kThreads / 32 - 1) / (kThreads / 32),
+                       kAccLd = (kPixelsPadded - 8 + 31) / 32 * 32 + 8;
 };
 
-// Grid (images x tile rows x tile columns, intrinsic channel blocks).
+// Where a one-pass block works: image n, tile origin (r0, c0) in output pixels, intrinsic
+// channels m0...
+struct OnePassBlock {
+  int64_t n, r0, c0, m0;
+};
+
+__device__ __forceinline__ OnePassBlock one_pass_block(const EvalParams& p) {
+  const int64_t tiles_h = (p.Ho + kOnePassTH - 1) / kOnePassTH;
+  const int64_t tiles_w = (p.Wo + kOnePassTW - 1) / kOnePassTW;
+  const int64_t tile = int64_t(blockIdx.x) % (tiles_h * tiles_w);
+  return {int64_t(blockIdx.x) / (tiles_h * tiles_w), tile / tiles_w * kOnePassTH,
+          tile % tiles_w * kOnePassTW, int64_t(blockIdx.y) * kOnePassChannels};
+}
+
+// x1 = act(BN1(W1 x)) of the block's channels on its tile and halo into s_x1[cb][hp] (hp =
+// halo row * kCols + halo column), zero outside the map (the cheap op's zero padding) and for
+// channels past init: float FMAs, (channel, halo pixel) outputs o = threadIdx.x + i * kThreads.
 template <typename T, Act A, int D>
-__global__ void __launch_bounds__(kThreads)
-    one_pass_kernel(const T* __restrict__ x, const float* __restrict__ w1,
-                    const float* __restrict__ b1, const float* __restrict__ w2,
-                    const float* __restrict__ b2, T* __restrict__ y, EvalParams p) {
+__device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
+                                                const float* __restrict__ w1,
+                                                const float* __restrict__ b1,
+                                                const EvalParams& p, const OnePassBlock& blk,
+                                                float (*s_x1)[OnePassTile<D>::kX1Ld]) {
   using Tile = OnePassTile<D>;
-  constexpr int CB = kOnePassChannels, KC = kOnePassK, TH = kOnePassTH, TW = kOnePassTW;
+  constexpr int CB = kOnePassChannels, KC = kOnePassK;
   constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
   __shared__ float s_x[KC][HP];
   __shared__ float s_w[CB][KC];
-  __shared__ float s_x1[CB][HP];
-  const int64_t tiles_h = (p.Ho + TH - 1) / TH, tiles_w = (p.Wo + TW - 1) / TW;
-  const int64_t n = int64_t(blockIdx.x) / (tiles_h * tiles_w);
-  const int64_t tile = int64_t(blockIdx.x) % (tiles_h * tiles_w);
-  const int64_t r0 = tile / tiles_w * TH, c0 = tile % tiles_w * TW;
-  const int64_t m0 = int64_t(blockIdx.y) * CB;
-
-  // x1 before BN1's shift on the tile and its halo: (channel, halo pixel) outputs o =
-  // threadIdx.x + i * kThreads.
   float acc[Tile::kOuts];
 #pragma unroll
   for (int i = 0; i < Tile::kOuts; ++i) acc[i] = 0.f;
@@ -169,15 +192,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k0 = 0; k0 < p.C; k0 += KC) {
     for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
       const int cb = i / KC, k = i % KC;
-      s_w[cb][k] = m0 + cb < p.init && k0 + k < p.C ? w1[(m0 + cb) * p.C + k0 + k] : 0.f;
+      s_w[cb][k] = blk.m0 + cb < p.init && k0 + k < p.C ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f;
     }
     for (int i = threadIdx.x; i < KC * HP; i += kThreads) {
       const int k = x_channels_inner ? i % KC : i / HP;
       const int hp = x_channels_inner ? i / KC : i % HP;
-      const int64_t ho = r0 - h + hp / HW, wo = c0 - h + hp % HW;
+      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
       float v = 0.f;
       if (k0 + k < p.C && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo) {
-        v = static_cast<float>(x[n * p.sxn + (k0 + k) * p.sxc + ho * p.stride * p.sxh +
+        v = static_cast<float>(x[blk.n * p.sxn + (k0 + k) * p.sxc + ho * p.stride * p.sxh +
                                  wo * p.stride * p.sxw]);
       }
       s_x[k][hp] = v;
@@ -196,17 +219,132 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  // x1 = act(z + b1) into shared memory; zero outside the map (the cheap op's zero padding)
-  // and for channels past init.
 #pragma unroll
   for (int i = 0; i < Tile::kOuts; ++i) {
     const int o = threadIdx.x + i * kThreads;
     if (o < CB * HP) {
       const int cb = o / HP, hp = o % HP;
-      const int64_t ho = r0 - h + hp / HW, wo = c0 - h + hp % HW, m = m0 + cb;
+      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW, m = blk.m0 + cb;
       const bool inside = m < p.init && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
       s_x1[cb][hp] = inside ? activate<A>(acc[i] + b1[m]) : 0.f;
     }
+  }
+}
+
+// one_pass_x1_fma's result on the tensor cores, T half or bfloat16 (w1 rounded to T, as the
+// GEMM of primary_gemm.cuh): per K slice, w1's 16 x kOnePassMmaK block (row-major A) and the
+// halo pixels' channels (column-major B: a pixel's slice contiguous, so a 16-byte vector of
+// its channels is one load and one store where x_channel_vectors holds); warp v multiplies
+// the 16-pixel fragments v, v + 8, ... into float accumulators, stored through shared memory
+// (aliasing the slices) for BN1 + act.
+template <typename T, Act A, int D>
+__device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
+                                                const float* __restrict__ w1,
+                                                const float* __restrict__ b1,
+                                                const EvalParams& p, const OnePassBlock& blk,
+                                                float (*s_x1)[OnePassTile<D>::kX1Ld]) {
+  using Tile = OnePassTile<D>;
+  using E = typename MmaElement<T>::type;
+  namespace wmma = nvcuda::wmma;
+  constexpr int CB = kOnePassChannels, KC = kOnePassMmaK, LD = kOnePassMmaLd;
+  constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
+  constexpr int HPP = Tile::kPixelsPadded, kVec = 16 / sizeof(E), kVecs = KC / kVec;
+  constexpr int kWBytes = CB * LD * int(sizeof(E)), kXBytes = HPP * LD * int(sizeof(E));
+  constexpr int kAccBytes = CB * Tile::kAccLd * int(sizeof(float));
+  constexpr int kBytes = kWBytes + kXBytes > kAccBytes ? kWBytes + kXBytes : kAccBytes;
+  __shared__ __align__(32) unsigned char smem[kBytes];
+  auto s_w = reinterpret_cast<E(*)[LD]>(smem);
+  auto s_x = reinterpret_cast<E(*)[LD]>(smem + kWBytes);
+  auto s_acc = reinterpret_cast<float(*)[Tile::kAccLd]>(smem);
+
+  const E* xe = reinterpret_cast<const E*>(x);
+  const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
+  const bool x_vectors = x_channel_vectors(x, g, kVec);
+  const bool x_channels_inner = p.sxc == 1;
+  // x's offset of halo pixel hp's channel 0, or -1 where hp is padding or outside the map.
+  auto x_pixel = [&](int hp) -> int64_t {
+    const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
+    if (hp >= HP || ho < 0 || ho >= p.Ho || wo < 0 || wo >= p.Wo) return -1;
+    return blk.n * p.sxn + ho * p.stride * p.sxh + wo * p.stride * p.sxw;
+  };
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tile::kFragsPerWarp];
+#pragma unroll
+  for (int r = 0; r < Tile::kFragsPerWarp; ++r) wmma::fill_fragment(acc[r], 0.f);
+  for (int64_t k0 = 0; k0 < p.C; k0 += KC) {
+    for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
+      const int cb = i / KC, k = i % KC;
+      const bool ok = blk.m0 + cb < p.init && k0 + k < p.C;
+      s_w[cb][k] = MmaElement<T>::from_float(ok ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f);
+    }
+    if (x_vectors) {
+      for (int i = threadIdx.x; i < HPP * kVecs; i += kThreads) {
+        const int hp = i / kVecs, k = (i % kVecs) * kVec;
+        const int64_t off = x_pixel(hp);
+        // C is a multiple of kVec here: the vector is wholly inside or outside x.
+        *reinterpret_cast<uint4*>(&s_x[hp][k]) =
+            off >= 0 && k0 + k < p.C ? __ldg(reinterpret_cast<const uint4*>(xe + off + k0 + k))
+                                     : make_uint4(0u, 0u, 0u, 0u);  // +0.0
+      }
+    } else {
+      for (int i = threadIdx.x; i < HPP * KC; i += kThreads) {
+        const int k = x_channels_inner ? i % KC : i / HPP;
+        const int hp = x_channels_inner ? i / KC : i % HPP;
+        const int64_t off = x_pixel(hp);
+        s_x[hp][k] = off >= 0 && k0 + k < p.C ? xe[off + (k0 + k) * p.sxc]
+                                              : MmaElement<T>::from_float(0.f);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < KC; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+      wmma::load_matrix_sync(a, &s_w[0][kk], LD);
+#pragma unroll
+      for (int r = 0; r < Tile::kFragsPerWarp; ++r) {
+        const int f = warp + r * (kThreads / 32);
+        if (f < Tile::kFrags) {  // warp-uniform
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
+          wmma::load_matrix_sync(b, &s_x[16 * f][kk], LD);
+          wmma::mma_sync(acc[r], a, b, acc[r]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with the slice: the next one, or s_acc, may overwrite
+  }
+#pragma unroll
+  for (int r = 0; r < Tile::kFragsPerWarp; ++r) {
+    const int f = warp + r * (kThreads / 32);
+    if (f < Tile::kFrags) {
+      wmma::store_matrix_sync(&s_acc[0][16 * f], acc[r], Tile::kAccLd, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < CB * HP; i += kThreads) {
+    const int cb = i / HP, hp = i % HP;
+    const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW, m = blk.m0 + cb;
+    const bool inside = m < p.init && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
+    s_x1[cb][hp] = inside ? activate<A>(s_acc[cb][hp] + b1[m]) : 0.f;
+  }
+}
+
+// Grid (images x tile rows x tile columns, intrinsic channel blocks): x1 on the tile and halo
+// (tensor cores for half / bfloat16 on sm_80+, float FMAs otherwise), then its interior into
+// y[:, m] and the cheap op into the ghost channels.
+template <typename T, Act A, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+    one_pass_kernel(const T* __restrict__ x, const float* __restrict__ w1,
+                    const float* __restrict__ b1, const float* __restrict__ w2,
+                    const float* __restrict__ b2, T* __restrict__ y, EvalParams p) {
+  using Tile = OnePassTile<D>;
+  constexpr int CB = kOnePassChannels, TH = kOnePassTH, TW = kOnePassTW;
+  constexpr int h = Tile::kHalo, HW = Tile::kCols;
+  __shared__ float s_x1[CB][Tile::kX1Ld];
+  const OnePassBlock blk = one_pass_block(p);
+  if constexpr (kHasMma && !std::is_same_v<T, float>) {
+    one_pass_x1_mma<T, A, D>(x, w1, b1, p, blk, s_x1);
+  } else {
+    one_pass_x1_fma<T, A, D>(x, w1, b1, p, blk, s_x1);
   }
   __syncthreads();
   const bool y_channels_inner = p.syc == 1;
@@ -215,30 +353,70 @@ __global__ void __launch_bounds__(kThreads)
     const int cb = y_channels_inner ? i % CB : i / (TH * TW);
     const int pix = y_channels_inner ? i / CB : i % (TH * TW);
     const int ty = pix / TW, tx = pix % TW;
-    const int64_t ho = r0 + ty, wo = c0 + tx, m = m0 + cb;
+    const int64_t ho = blk.r0 + ty, wo = blk.c0 + tx, m = blk.m0 + cb;
     if (m < p.init && ho < p.Ho && wo < p.Wo) {
-      y[n * p.syn + m * p.syc + ho * p.syh + wo * p.syw] =
+      y[blk.n * p.syn + m * p.syc + ho * p.syh + wo * p.syw] =
           static_cast<T>(s_x1[cb][(ty + h) * HW + tx + h]);
     }
   }
-  // The ghost channels j = c * per + jj of this block's intrinsic channels c, j < ghost.
-  const int64_t ghosts = CB * p.per, j0 = m0 * p.per;
-  for (int64_t i = threadIdx.x; i < ghosts * TH * TW; i += kThreads) {
-    const int64_t g = y_channels_inner ? i % ghosts : i / (TH * TW);
-    const int pix = int(y_channels_inner ? i / ghosts : i % (TH * TW));
-    const int ty = pix / TW, tx = pix % TW;
-    const int64_t j = j0 + g, ho = r0 + ty, wo = c0 + tx;
-    if (j >= p.ghost || ho >= p.Ho || wo >= p.Wo) continue;
-    const float* src = &s_x1[g / p.per][ty * HW + tx];  // tap (dy, dx) at src[dy * HW + dx]
-    const float* wj = w2 + j * D * D;
-    float a = b2[j];
+  // The ghost channels j = c * per + jj of this block's intrinsic channels c, j < ghost: a
+  // thread computes a run of kCheapRun outputs of one row, sliding the D x D window along it
+  // in registers (the taps in registers too). In channels_last consecutive threads take
+  // consecutive j (consecutive rows of the tile for the next 16: x1's odd row length spreads
+  // them over the banks), else consecutive runs.
+  constexpr int kRuns = TH * (TW / kCheapRun);
+  // Whether every run of a row is kCheapRun contiguous elements starting 16-byte aligned (rows
+  // contiguous, NCHW): the tile's column origin c0 + tx0 is a multiple of kCheapRun.
+  static_assert(kCheapRun * sizeof(T) % 16 == 0, "a run is whole 16-byte vectors");
+  const bool y_runs_vectors =
+      p.syw == 1 && p.syh % kCheapRun == 0 && p.syc % kCheapRun == 0 &&
+      (p.N == 1 || p.syn % kCheapRun == 0) && reinterpret_cast<std::uintptr_t>(y) % 16 == 0;
+  const int64_t ghosts = CB * p.per, j0 = blk.m0 * p.per;
+  for (int64_t i = threadIdx.x; i < ghosts * kRuns; i += kThreads) {
+    const int64_t gi = y_channels_inner ? i % ghosts : i / kRuns;
+    const int run = int(y_channels_inner ? i / ghosts : i % kRuns);
+    const int ty = run % TH, tx0 = run / TH * kCheapRun;
+    const int64_t j = j0 + gi, ho = blk.r0 + ty;
+    if (j >= p.ghost || ho >= p.Ho || blk.c0 + tx0 >= p.Wo) continue;
+    // Output u's tap (dy, dx) at src[dy * HW + dx + u].
+    const float* src = &s_x1[gi / p.per][ty * HW + tx0];
+    float taps[D * D];
+#pragma unroll
+    for (int t = 0; t < D * D; ++t) taps[t] = w2[j * D * D + t];
+    float out[kCheapRun];
+    const float bias = b2[j];
+#pragma unroll
+    for (int u = 0; u < kCheapRun; ++u) out[u] = bias;
 #pragma unroll
     for (int dy = 0; dy < D; ++dy) {
+      float row[kCheapRun + D - 1];
 #pragma unroll
-      for (int dx = 0; dx < D; ++dx) a = fmaf(wj[dy * D + dx], src[dy * HW + dx], a);
+      for (int u = 0; u < kCheapRun + D - 1; ++u) row[u] = src[dy * HW + u];
+#pragma unroll
+      for (int dx = 0; dx < D; ++dx) {
+#pragma unroll
+        for (int u = 0; u < kCheapRun; ++u) out[u] = fmaf(taps[dy * D + dx], row[u + dx], out[u]);
+      }
     }
-    y[n * p.syn + (p.init + j) * p.syc + ho * p.syh + wo * p.syw] =
-        static_cast<T>(activate<A>(a));
+    T* yp = y + blk.n * p.syn + (p.init + j) * p.syc + ho * p.syh + (blk.c0 + tx0) * p.syw;
+    if (y_runs_vectors && blk.c0 + tx0 + kCheapRun <= p.Wo) {
+      // The run is kCheapRun contiguous, aligned elements: whole 16-byte stores.
+      union {
+        T e[kCheapRun];
+        uint4 v[kCheapRun * sizeof(T) / 16];
+      } run;
+#pragma unroll
+      for (int u = 0; u < kCheapRun; ++u) run.e[u] = static_cast<T>(activate<A>(out[u]));
+#pragma unroll
+      for (int u = 0; u < int(kCheapRun * sizeof(T) / 16); ++u) {
+        reinterpret_cast<uint4*>(yp)[u] = run.v[u];
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kCheapRun; ++u) {
+        if (blk.c0 + tx0 + u < p.Wo) yp[u * p.syw] = static_cast<T>(activate<A>(out[u]));
+      }
+    }
   }
 }
 
@@ -269,12 +447,24 @@ bool launch_one_pass(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
 
 // The one-pass kernel recomputes the primary conv on the halo: (tile + halo) / tile times its
 // flops. Taken while those flops stay within this many per byte the module moves (x read, y
-// written): about the float FMA rate over the memory bandwidth of an H100 (67 TFLOP/s over
-// 3.35 TB/s), so the recompute hides under the memory traffic it saves. A first guess, to be
-// tuned on a GPU (GHOSTOPS_CUDA_EVAL forces a form).
-constexpr double kOnePassMaxFlopsPerByte = 24;
+// written), so the recompute hides under the memory traffic it saves. Float FMAs: about an
+// H100's float FMA rate over its memory bandwidth (67 TFLOP/s over 3.35 TB/s). Tensor cores
+// (half / bfloat16, sm_80+): twice that, lower than the Triton backend's 96 because a block
+// covers 16 intrinsic channels and so reads x (from L2) once per 16 of them; with it the
+// GhostNet modules at 112x112 to 28x28 run in one pass (5-32 flops a byte at fp16), those at
+// 14x14 and 7x7 (51-252) in two kernels. First guesses, to be tuned on a GPU
+// (GHOSTOPS_CUDA_EVAL forces a form).
+constexpr double kOnePassMaxFlopsPerByte = 24, kOnePassMaxFlopsPerByteMma = 48;
 
-bool use_one_pass(const EvalParams& p, int64_t oup, int64_t element_size) {
+// Whether the current device runs the tensor-core kernels (kHasMma: sm_80 and later).
+bool device_has_mma() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+bool use_one_pass(const EvalParams& p, int64_t oup, at::ScalarType dtype) {
   const char* form = std::getenv("GHOSTOPS_CUDA_EVAL");
   const std::string f = form == nullptr ? "auto" : form;
   TORCH_CHECK(f == "auto" || f == "one_pass" || f == "two_kernels",
@@ -285,7 +475,9 @@ bool use_one_pass(const EvalParams& p, int64_t oup, int64_t element_size) {
   const double halo = p.d / 2;
   const double computed = tiles * (kOnePassTH + 2 * halo) * (kOnePassTW + 2 * halo);
   const double flops = 2.0 * p.C * p.init * computed / double(p.Ho * p.Wo);
-  return flops / (double(p.C + oup) * element_size) <= kOnePassMaxFlopsPerByte;
+  const bool mma = dtype != at::kFloat && device_has_mma();
+  const double limit = mma ? kOnePassMaxFlopsPerByteMma : kOnePassMaxFlopsPerByte;
+  return flops / (double(p.C + oup) * double(c10::elementSize(dtype))) <= limit;
 }
 
 template <typename T, Act A>
@@ -340,7 +532,7 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
                      s.ghost,     s.ratio - 1, s.dw,        s.stride,    x.stride(0),
                      x.stride(1), x.stride(2), x.stride(3), y.stride(0), y.stride(1),
                      y.stride(2), y.stride(3)};
-  const bool one_pass = use_one_pass(p, s.oup, x.element_size());
+  const bool one_pass = use_one_pass(p, s.oup, x.scalar_type());
   dispatch_gpu_dtype("ghost_forward_eval (CUDA kernel)", x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto act_tag) {
