@@ -7,12 +7,14 @@
 //                    plus its d / 2 halo (recomputed, never read from a neighbour) into shared
 //                    memory, writes the interior to y[:, c], then the depthwise cheap op + BN2 +
 //                    act for the ghost channels of those intrinsic channels into y[:, init + j]
-//                    (a thread a run of 8 outputs along a row, the window in registers). x read
+//                    (a thread a run of 8 outputs along a row, the window in registers; 16-byte
+//                    stores of the run where y's rows are contiguous and aligned). x read
 //                    once (halo aside), y written once, nothing read back. d in {1, 3, 5, 7};
-//   primary_kernel + cheap_kernel  the 1x1 conv as a tiled GEMM (primary_gemm.cuh: 32 channels
-//                    x 64 pixels a block), BN1 + act in its epilogue, into y[:, :init]; then the
-//                    depthwise op reading those channels back (from L2), BN2 + act, into
-//                    y[:, init:oup]: where the halo's recomputation would cost more than the
+//   primary_kernel + cheap_run_kernel  the 1x1 conv as a tiled GEMM (primary_gemm.cuh: 32
+//                    channels x 64 pixels a block), BN1 + act in its epilogue, into y[:, :init];
+//                    then the depthwise op reading those channels back (from L2), BN2 + act,
+//                    into y[:, init:oup], in runs as above (cheap_kernel, an output a thread,
+//                    for other d): where the halo's recomputation would cost more than the
 //                    re-read (wide primaries on small maps), and for other d.
 // Both primary GEMMs run on the tensor cores (WMMA, float accumulation, the folded W1 rounded to
 // x's dtype as the Triton backend does) for half / bfloat16 on sm_80 and later, as float FMAs
@@ -99,9 +101,63 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The cheap op as runs: a thread computes kCheapRun consecutive outputs of one row of one
+// ghost channel, the D x D taps and a row of the input window in registers, so each input
+// value is loaded once per run row rather than once per tap.
+constexpr int kCheapRun = 8;
+
+// out[u] = bias + sum over (dy, dx) of taps[dy * D + dx] row_dy[u + dx], u < kCheapRun, where
+// load_row(dy, row) fills row dy of the window (kCheapRun + D - 1 values, from the run's
+// first output's leftmost tap on) and returns false where that row is all zero padding.
+template <int D, typename LoadRow>
+__device__ __forceinline__ void cheap_run(const float* __restrict__ taps_in, float bias,
+                                          LoadRow&& load_row, float (&out)[kCheapRun]) {
+  float taps[D * D];
+#pragma unroll
+  for (int t = 0; t < D * D; ++t) taps[t] = taps_in[t];
+#pragma unroll
+  for (int u = 0; u < kCheapRun; ++u) out[u] = bias;
+#pragma unroll
+  for (int dy = 0; dy < D; ++dy) {
+    float row[kCheapRun + D - 1];
+    if (!load_row(dy, row)) continue;
+#pragma unroll
+    for (int dx = 0; dx < D; ++dx) {
+#pragma unroll
+      for (int u = 0; u < kCheapRun; ++u) out[u] = fmaf(taps[dy * D + dx], row[u + dx], out[u]);
+    }
+  }
+}
+
+// y_run[u * syw] = act(out[u]) for u < valid: as whole 16-byte stores where the run is
+// contiguous (syw == 1, NCHW), whole and 16-byte aligned, else element by element.
+template <typename T, Act A>
+__device__ __forceinline__ void store_run(T* y_run, const float (&out)[kCheapRun], int64_t valid,
+                                          int64_t syw) {
+  static_assert(kCheapRun * sizeof(T) % 16 == 0, "a run is whole 16-byte vectors");
+  if (syw == 1 && valid >= kCheapRun && reinterpret_cast<std::uintptr_t>(y_run) % 16 == 0) {
+    union {
+      T e[kCheapRun];
+      uint4 v[kCheapRun * sizeof(T) / 16];
+    } run;
+#pragma unroll
+    for (int u = 0; u < kCheapRun; ++u) run.e[u] = static_cast<T>(activate<A>(out[u]));
+#pragma unroll
+    for (int u = 0; u < int(kCheapRun * sizeof(T) / 16); ++u) {
+      reinterpret_cast<uint4*>(y_run)[u] = run.v[u];
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kCheapRun; ++u) {
+      if (u < valid) y_run[u * syw] = static_cast<T>(activate<A>(out[u]));
+    }
+  }
+}
+
 // y[n, init + j, ho, wo] = act(b[j] + sum over taps of w[j, tap] y[n, j / per, ho + dy - h,
-// wo + dx - h]), zero outside the map. One thread an output element, grid-stride; consecutive
-// threads take consecutive pixels, or in channels_last consecutive j (so y's accesses coalesce).
+// wo + dx - h]), zero outside the map, for any d (cheap_run_kernel's are faster). One thread an
+// output element, grid-stride; consecutive threads take consecutive pixels, or in channels_last
+// consecutive j (so y's accesses coalesce).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     cheap_kernel(T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
@@ -131,13 +187,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// y[n, init + j, ho, wo] = act(b[j] + sum over taps of w[j, tap] y[n, j / per, ho + dy - h,
+// wo + dx - h]), zero outside the map, for d == D: one thread a run (cheap_run) of a row,
+// grid-stride; consecutive threads take consecutive runs, or in channels_last consecutive j
+// (so y's accesses coalesce).
+template <typename T, Act A, int D>
+__global__ void __launch_bounds__(kThreads)
+    cheap_run_kernel(T* __restrict__ y, const float* __restrict__ w,
+                     const float* __restrict__ b, EvalParams p) {
+  constexpr int h = D / 2;
+  const int64_t runs_w = (p.Wo + kCheapRun - 1) / kCheapRun, runs = p.Ho * runs_w;
+  const int64_t total = p.N * p.ghost * runs;
+  const bool y_channels_inner = p.syc == 1;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = y_channels_inner ? (i / p.ghost) % runs : i % runs;
+    const int64_t j = y_channels_inner ? i % p.ghost : (i / runs) % p.ghost;
+    const int64_t n = i / (runs * p.ghost);
+    const int64_t ho = r / runs_w, wo0 = r % runs_w * kCheapRun;
+    const T* src = y + n * p.syn + (j / p.per) * p.syc;
+    float out[kCheapRun];
+    cheap_run<D>(w + j * D * D, b[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
+      const int64_t hi = ho + dy - h;
+      if (hi < 0 || hi >= p.Ho) return false;
+#pragma unroll
+      for (int u = 0; u < kCheapRun + D - 1; ++u) {
+        const int64_t wi = wo0 - h + u;
+        row[u] = wi >= 0 && wi < p.Wo ? static_cast<float>(src[hi * p.syh + wi * p.syw]) : 0.f;
+      }
+      return true;
+    }, out);
+    store_run<T, A>(y + n * p.syn + (p.init + j) * p.syc + ho * p.syh + wo0 * p.syw, out,
+                    p.Wo - wo0, p.syw);
+  }
+}
+
 // The one-pass tile: TH x TW output pixels, kOnePassChannels intrinsic channels, the halo
 // of a D x D cheap op around it; K (input channels) in slices through shared memory (of
 // kOnePassK with float FMAs, kOnePassMmaK on the tensor cores).
 constexpr int kOnePassTH = 8, kOnePassTW = 16, kOnePassChannels = 16, kOnePassK = 16;
 constexpr int kOnePassMmaK = 32, kOnePassMmaLd = kOnePassMmaK + 8;  // ldm: rows 80 bytes apart
-// The cheap op: a thread computes kCheapRun outputs along a row, the window in registers.
-constexpr int kCheapRun = 8;
 static_assert(kOnePassTW % kCheapRun == 0, "a tile row holds whole runs");
 
 template <int D>
@@ -183,7 +272,7 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   using Tile = OnePassTile<D>;
   constexpr int CB = kOnePassChannels, KC = kOnePassK;
   constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
-  __shared__ float s_x[KC][HP];
+  __shared__ float s_x[KC][HP | 1];  // odd rows: the k-fastest stores hit distinct banks
   __shared__ float s_w[CB][KC];
   float acc[Tile::kOuts];
 #pragma unroll
@@ -360,63 +449,26 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   // The ghost channels j = c * per + jj of this block's intrinsic channels c, j < ghost: a
-  // thread computes a run of kCheapRun outputs of one row, sliding the D x D window along it
-  // in registers (the taps in registers too). In channels_last consecutive threads take
-  // consecutive j (consecutive rows of the tile for the next 16: x1's odd row length spreads
-  // them over the banks), else consecutive runs.
+  // thread a run of one row (cheap_run). In channels_last consecutive threads take consecutive
+  // j (consecutive rows of the tile for the next 16: x1's odd row length spreads them over the
+  // banks), else consecutive runs.
   constexpr int kRuns = TH * (TW / kCheapRun);
-  // Whether every run of a row is kCheapRun contiguous elements starting 16-byte aligned (rows
-  // contiguous, NCHW): the tile's column origin c0 + tx0 is a multiple of kCheapRun.
-  static_assert(kCheapRun * sizeof(T) % 16 == 0, "a run is whole 16-byte vectors");
-  const bool y_runs_vectors =
-      p.syw == 1 && p.syh % kCheapRun == 0 && p.syc % kCheapRun == 0 &&
-      (p.N == 1 || p.syn % kCheapRun == 0) && reinterpret_cast<std::uintptr_t>(y) % 16 == 0;
   const int64_t ghosts = CB * p.per, j0 = blk.m0 * p.per;
   for (int64_t i = threadIdx.x; i < ghosts * kRuns; i += kThreads) {
     const int64_t gi = y_channels_inner ? i % ghosts : i / kRuns;
     const int run = int(y_channels_inner ? i / ghosts : i % kRuns);
     const int ty = run % TH, tx0 = run / TH * kCheapRun;
-    const int64_t j = j0 + gi, ho = blk.r0 + ty;
-    if (j >= p.ghost || ho >= p.Ho || blk.c0 + tx0 >= p.Wo) continue;
-    // Output u's tap (dy, dx) at src[dy * HW + dx + u].
-    const float* src = &s_x1[gi / p.per][ty * HW + tx0];
-    float taps[D * D];
-#pragma unroll
-    for (int t = 0; t < D * D; ++t) taps[t] = w2[j * D * D + t];
+    const int64_t j = j0 + gi, ho = blk.r0 + ty, wo0 = blk.c0 + tx0;
+    if (j >= p.ghost || ho >= p.Ho || wo0 >= p.Wo) continue;
+    const float* src = &s_x1[gi / p.per][ty * HW + tx0];  // the window's top-left corner
     float out[kCheapRun];
-    const float bias = b2[j];
-#pragma unroll
-    for (int u = 0; u < kCheapRun; ++u) out[u] = bias;
-#pragma unroll
-    for (int dy = 0; dy < D; ++dy) {
-      float row[kCheapRun + D - 1];
+    cheap_run<D>(w2 + j * D * D, b2[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
 #pragma unroll
       for (int u = 0; u < kCheapRun + D - 1; ++u) row[u] = src[dy * HW + u];
-#pragma unroll
-      for (int dx = 0; dx < D; ++dx) {
-#pragma unroll
-        for (int u = 0; u < kCheapRun; ++u) out[u] = fmaf(taps[dy * D + dx], row[u + dx], out[u]);
-      }
-    }
-    T* yp = y + blk.n * p.syn + (p.init + j) * p.syc + ho * p.syh + (blk.c0 + tx0) * p.syw;
-    if (y_runs_vectors && blk.c0 + tx0 + kCheapRun <= p.Wo) {
-      // The run is kCheapRun contiguous, aligned elements: whole 16-byte stores.
-      union {
-        T e[kCheapRun];
-        uint4 v[kCheapRun * sizeof(T) / 16];
-      } run;
-#pragma unroll
-      for (int u = 0; u < kCheapRun; ++u) run.e[u] = static_cast<T>(activate<A>(out[u]));
-#pragma unroll
-      for (int u = 0; u < int(kCheapRun * sizeof(T) / 16); ++u) {
-        reinterpret_cast<uint4*>(yp)[u] = run.v[u];
-      }
-    } else {
-#pragma unroll
-      for (int u = 0; u < kCheapRun; ++u) {
-        if (blk.c0 + tx0 + u < p.Wo) yp[u * p.syw] = static_cast<T>(activate<A>(out[u]));
-      }
-    }
+      return true;
+    }, out);
+    store_run<T, A>(y + blk.n * p.syn + (p.init + j) * p.syc + ho * p.syh + wo0 * p.syw, out,
+                    p.Wo - wo0, p.syw);
   }
 }
 
@@ -492,10 +544,21 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.ghost > 0) {
     const int64_t total = p.N * p.ghost * p.Ho * p.Wo;
-    const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8);
-    cheap_kernel<T, A><<<blocks, kThreads, 0, stream>>>(
-        y.mutable_data_ptr<T>(), w2.const_data_ptr<float>(), b2.const_data_ptr<float>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto go = [&](auto kernel, int64_t items) {
+      const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, 65535 * 8);
+      kernel<<<blocks, kThreads, 0, stream>>>(y.mutable_data_ptr<T>(),
+                                              w2.const_data_ptr<float>(),
+                                              b2.const_data_ptr<float>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    const int64_t runs = total / p.Wo * ((p.Wo + kCheapRun - 1) / kCheapRun);
+    switch (p.d) {
+      case 1: go(cheap_run_kernel<T, A, 1>, runs); break;
+      case 3: go(cheap_run_kernel<T, A, 3>, runs); break;
+      case 5: go(cheap_run_kernel<T, A, 5>, runs); break;
+      case 7: go(cheap_run_kernel<T, A, 7>, runs); break;
+      default: go(cheap_kernel<T, A>, total);
+    }
   }
 }
 
