@@ -236,8 +236,10 @@ struct OnePassTile {
   // x1's row length in shared memory: odd, so a warp's 16 channels at one pixel hit distinct
   // banks.
   static constexpr int kX1Ld = kPixels | 1;
-  // Float FMAs: GEMM outputs (channel, halo pixel) per thread.
-  static constexpr int kOuts = (kOnePassChannels * kPixels + kThreads - 1) / kThreads;
+  // Float FMAs: a thread's items (halo pixel, kFmaChannels channels).
+  static constexpr int kFmaChannels = 8;
+  static constexpr int kFmaItems =
+      (kPixels * (kOnePassChannels / kFmaChannels) + kThreads - 1) / kThreads;
   // Tensor cores: halo pixels in whole 16-pixel fragments, spread over the 8 warps; the
   // accumulator tile's row length, 8 banks past a multiple of 32 (a fragment store's two
   // halves of 8 rows each cover the banks once).
@@ -262,7 +264,10 @@ __device__ __forceinline__ OnePassBlock one_pass_block(const EvalParams& p) {
 
 // x1 = act(BN1(W1 x)) of the block's channels on its tile and halo into s_x1[cb][hp] (hp =
 // halo row * kCols + halo column), zero outside the map (the cheap op's zero padding) and for
-// channels past init: float FMAs, (channel, halo pixel) outputs o = threadIdx.x + i * kThreads.
+// channels past init: float FMAs, register-blocked. A thread's items are (halo pixel, group of
+// kFmaChannels channels) it = threadIdx.x + i * kThreads (pixel it % kPixels): per k, one
+// shared-memory read of x and two float4 reads of the group's weights (the same address for
+// the whole warp) feed kFmaChannels FMAs.
 template <typename T, Act A, int D>
 __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
                                                 const float* __restrict__ w1,
@@ -270,18 +275,21 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
                                                 const EvalParams& p, const OnePassBlock& blk,
                                                 float (*s_x1)[OnePassTile<D>::kX1Ld]) {
   using Tile = OnePassTile<D>;
-  constexpr int CB = kOnePassChannels, KC = kOnePassK;
+  constexpr int CB = kOnePassChannels, KC = kOnePassK, G = Tile::kFmaChannels;
   constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
+  constexpr int kItems = Tile::kFmaItems;
   __shared__ float s_x[KC][HP | 1];  // odd rows: the k-fastest stores hit distinct banks
-  __shared__ float s_w[CB][KC];
-  float acc[Tile::kOuts];
+  __shared__ __align__(16) float s_w[KC][CB];  // a k's channels contiguous: float4 reads
+  float acc[kItems][G];
 #pragma unroll
-  for (int i = 0; i < Tile::kOuts; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kItems; ++i)
+#pragma unroll
+    for (int c = 0; c < G; ++c) acc[i][c] = 0.f;
   const bool x_channels_inner = p.sxc == 1;  // channels_last: consecutive threads, channels
   for (int64_t k0 = 0; k0 < p.C; k0 += KC) {
     for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
       const int cb = i / KC, k = i % KC;
-      s_w[cb][k] = blk.m0 + cb < p.init && k0 + k < p.C ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f;
+      s_w[k][cb] = blk.m0 + cb < p.init && k0 + k < p.C ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f;
     }
     for (int i = threadIdx.x; i < KC * HP; i += kThreads) {
       const int k = x_channels_inner ? i % KC : i / HP;
@@ -296,26 +304,38 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
     }
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < Tile::kOuts; ++i) {
-      const int o = threadIdx.x + i * kThreads;
-      if (o < CB * HP) {
-        const int cb = o / HP, hp = o % HP;
-        float a = acc[i];
+    for (int i = 0; i < kItems; ++i) {
+      const int it = threadIdx.x + i * kThreads;
+      if (it < HP * (CB / G)) {
+        const int hp = it % HP, c0 = it / HP * G;
 #pragma unroll
-        for (int k = 0; k < KC; ++k) a = fmaf(s_w[cb][k], s_x[k][hp], a);
-        acc[i] = a;
+        for (int k = 0; k < KC; ++k) {
+          const float v = s_x[k][hp];
+#pragma unroll
+          for (int q = 0; q < G; q += 4) {
+            const float4 wq = *reinterpret_cast<const float4*>(&s_w[k][c0 + q]);
+            acc[i][q] = fmaf(wq.x, v, acc[i][q]);
+            acc[i][q + 1] = fmaf(wq.y, v, acc[i][q + 1]);
+            acc[i][q + 2] = fmaf(wq.z, v, acc[i][q + 2]);
+            acc[i][q + 3] = fmaf(wq.w, v, acc[i][q + 3]);
+          }
+        }
       }
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < Tile::kOuts; ++i) {
-    const int o = threadIdx.x + i * kThreads;
-    if (o < CB * HP) {
-      const int cb = o / HP, hp = o % HP;
-      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW, m = blk.m0 + cb;
-      const bool inside = m < p.init && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
-      s_x1[cb][hp] = inside ? activate<A>(acc[i] + b1[m]) : 0.f;
+  for (int i = 0; i < kItems; ++i) {
+    const int it = threadIdx.x + i * kThreads;
+    if (it < HP * (CB / G)) {
+      const int hp = it % HP, c0 = it / HP * G;
+      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
+      const bool in_map = ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
+#pragma unroll
+      for (int c = 0; c < G; ++c) {
+        const int64_t m = blk.m0 + c0 + c;
+        s_x1[c0 + c][hp] = in_map && m < p.init ? activate<A>(acc[i][c] + b1[m]) : 0.f;
+      }
     }
   }
 }
