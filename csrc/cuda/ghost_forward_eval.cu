@@ -236,10 +236,10 @@ struct OnePassTile {
   // x1's row length in shared memory: odd, so a warp's 16 channels at one pixel hit distinct
   // banks.
   static constexpr int kX1Ld = kPixels | 1;
-  // Float FMAs: a thread's items (halo pixel, kFmaChannels channels).
+  // Float FMAs: a thread's kFmaChannels channels at kFmaItems halo pixels kFmaPixelStep apart.
   static constexpr int kFmaChannels = 8;
-  static constexpr int kFmaItems =
-      (kPixels * (kOnePassChannels / kFmaChannels) + kThreads - 1) / kThreads;
+  static constexpr int kFmaPixelStep = kThreads / (kOnePassChannels / kFmaChannels);
+  static constexpr int kFmaItems = (kPixels + kFmaPixelStep - 1) / kFmaPixelStep;
   // Tensor cores: halo pixels in whole 16-pixel fragments, spread over the 8 warps; the
   // accumulator tile's row length, 8 banks past a multiple of 32 (a fragment store's two
   // halves of 8 rows each cover the banks once).
@@ -264,10 +264,10 @@ __device__ __forceinline__ OnePassBlock one_pass_block(const EvalParams& p) {
 
 // x1 = act(BN1(W1 x)) of the block's channels on its tile and halo into s_x1[cb][hp] (hp =
 // halo row * kCols + halo column), zero outside the map (the cheap op's zero padding) and for
-// channels past init: float FMAs, register-blocked. A thread's items are (halo pixel, group of
-// kFmaChannels channels) it = threadIdx.x + i * kThreads (pixel it % kPixels): per k, one
-// shared-memory read of x and two float4 reads of the group's weights (the same address for
-// the whole warp) feed kFmaChannels FMAs.
+// channels past init: float FMAs, register-blocked. Thread t owns kFmaChannels channels from
+// ch0 = t / 128 * kFmaChannels at halo pixels t % 128 + 128 i: per k, two float4 reads of those
+// channels' weights (one address for the whole warp: a broadcast) and one read of x per pixel
+// feed kFmaChannels FMAs a pixel.
 template <typename T, Act A, int D>
 __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
                                                 const float* __restrict__ w1,
@@ -277,9 +277,12 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   using Tile = OnePassTile<D>;
   constexpr int CB = kOnePassChannels, KC = kOnePassK, G = Tile::kFmaChannels;
   constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
-  constexpr int kItems = Tile::kFmaItems;
-  __shared__ float s_x[KC][HP | 1];  // odd rows: the k-fastest stores hit distinct banks
+  constexpr int kItems = Tile::kFmaItems, kPixelStep = Tile::kFmaPixelStep;
+  // Rows of HP + 2 (HP is a multiple of 4): a warp's k-fastest stores (16 k x 2 pixels) hit
+  // distinct banks.
+  __shared__ float s_x[KC][HP + 2];
   __shared__ __align__(16) float s_w[KC][CB];  // a k's channels contiguous: float4 reads
+  const int ch0 = threadIdx.x / kPixelStep * G, hp0 = threadIdx.x % kPixelStep;
   float acc[kItems][G];
 #pragma unroll
   for (int i = 0; i < kItems; ++i)
@@ -288,7 +291,7 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   const bool x_channels_inner = p.sxc == 1;  // channels_last: consecutive threads, channels
   for (int64_t k0 = 0; k0 < p.C; k0 += KC) {
     for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
-      const int cb = i / KC, k = i % KC;
+      const int k = i / CB, cb = i % CB;  // channel-fastest: the stores hit distinct banks
       s_w[k][cb] = blk.m0 + cb < p.init && k0 + k < p.C ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f;
     }
     for (int i = threadIdx.x; i < KC * HP; i += kThreads) {
@@ -304,21 +307,20 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
     }
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int it = threadIdx.x + i * kThreads;
-      if (it < HP * (CB / G)) {
-        const int hp = it % HP, c0 = it / HP * G;
+    for (int k = 0; k < KC; ++k) {
+      float wk[G];
 #pragma unroll
-        for (int k = 0; k < KC; ++k) {
+      for (int q = 0; q < G; q += 4) {
+        const float4 wq = *reinterpret_cast<const float4*>(&s_w[k][ch0 + q]);
+        wk[q] = wq.x, wk[q + 1] = wq.y, wk[q + 2] = wq.z, wk[q + 3] = wq.w;
+      }
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int hp = hp0 + i * kPixelStep;
+        if (hp < HP) {
           const float v = s_x[k][hp];
 #pragma unroll
-          for (int q = 0; q < G; q += 4) {
-            const float4 wq = *reinterpret_cast<const float4*>(&s_w[k][c0 + q]);
-            acc[i][q] = fmaf(wq.x, v, acc[i][q]);
-            acc[i][q + 1] = fmaf(wq.y, v, acc[i][q + 1]);
-            acc[i][q + 2] = fmaf(wq.z, v, acc[i][q + 2]);
-            acc[i][q + 3] = fmaf(wq.w, v, acc[i][q + 3]);
-          }
+          for (int c = 0; c < G; ++c) acc[i][c] = fmaf(wk[c], v, acc[i][c]);
         }
       }
     }
@@ -326,15 +328,14 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    const int it = threadIdx.x + i * kThreads;
-    if (it < HP * (CB / G)) {
-      const int hp = it % HP, c0 = it / HP * G;
+    const int hp = hp0 + i * kPixelStep;
+    if (hp < HP) {
       const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
       const bool in_map = ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
 #pragma unroll
       for (int c = 0; c < G; ++c) {
-        const int64_t m = blk.m0 + c0 + c;
-        s_x1[c0 + c][hp] = in_map && m < p.init ? activate<A>(acc[i][c] + b1[m]) : 0.f;
+        const int64_t m = blk.m0 + ch0 + c;
+        s_x1[ch0 + c][hp] = in_map && m < p.init ? activate<A>(acc[i][c] + b1[m]) : 0.f;
       }
     }
   }
