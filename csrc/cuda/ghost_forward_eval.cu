@@ -106,15 +106,22 @@ __global__ void __launch_bounds__(kThreads)
 // value is loaded once per run row rather than once per tap.
 constexpr int kCheapRun = 8;
 
+// The folded cheap-op weights are passed tap-major, (d * d, init * per): w2t[tap * (init * per)
+// + j], so the threads of a warp, on consecutive ghost channels j in channels_last, read a
+// tap's weights from consecutive addresses.
+__device__ __forceinline__ int64_t tap_stride(const EvalParams& p) { return p.init * p.per; }
+
 // out[u] = bias + sum over (dy, dx) of taps[dy * D + dx] row_dy[u + dx], u < kCheapRun, where
-// load_row(dy, row) fills row dy of the window (kCheapRun + D - 1 values, from the run's
-// first output's leftmost tap on) and returns false where that row is all zero padding.
+// taps[t] = w2t_j[t * stride] (ghost channel j's column of the tap-major weights), and
+// load_row(dy, row) fills row dy of the window (kCheapRun + D - 1 values, from the run's first
+// output's leftmost tap on) and returns false where that row is all zero padding.
 template <int D, typename LoadRow>
-__device__ __forceinline__ void cheap_run(const float* __restrict__ taps_in, float bias,
-                                          LoadRow&& load_row, float (&out)[kCheapRun]) {
+__device__ __forceinline__ void cheap_run(const float* __restrict__ w2t_j, int64_t stride,
+                                          float bias, LoadRow&& load_row,
+                                          float (&out)[kCheapRun]) {
   float taps[D * D];
 #pragma unroll
-  for (int t = 0; t < D * D; ++t) taps[t] = taps_in[t];
+  for (int t = 0; t < D * D; ++t) taps[t] = w2t_j[t * stride];
 #pragma unroll
   for (int u = 0; u < kCheapRun; ++u) out[u] = bias;
 #pragma unroll
@@ -155,9 +162,9 @@ __device__ __forceinline__ void store_run(T* y_run, const float (&out)[kCheapRun
 }
 
 // y[n, init + j, ho, wo] = act(b[j] + sum over taps of w[j, tap] y[n, j / per, ho + dy - h,
-// wo + dx - h]), zero outside the map, for any d (cheap_run_kernel's are faster). One thread an
-// output element, grid-stride; consecutive threads take consecutive pixels, or in channels_last
-// consecutive j (so y's accesses coalesce).
+// wo + dx - h]) (w tap-major, tap_stride), zero outside the map, for any d (cheap_run_kernel's
+// are faster). One thread an output element, grid-stride; consecutive threads take consecutive
+// pixels, or in channels_last consecutive j (so y's accesses coalesce).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     cheap_kernel(T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
@@ -171,7 +178,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = i / (P * p.ghost);
     const int64_t ho = r / p.Wo, wo = r % p.Wo;
     const T* src = y + n * p.syn + (j / p.per) * p.syc;
-    const float* wj = w + j * p.d * p.d;
+    const float* wj = w + j;  // tap t at wj[t * tap_stride(p)]
+    const int64_t ts = tap_stride(p);
     float acc = b[j];
     for (int64_t dy = 0; dy < p.d; ++dy) {
       const int64_t hi = ho + dy - h;
@@ -179,7 +187,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t dx = 0; dx < p.d; ++dx) {
         const int64_t wi = wo + dx - h;
         if (wi < 0 || wi >= p.Wo) continue;
-        acc = fmaf(wj[dy * p.d + dx], static_cast<float>(src[hi * p.syh + wi * p.syw]), acc);
+        acc = fmaf(wj[(dy * p.d + dx) * ts], static_cast<float>(src[hi * p.syh + wi * p.syw]),
+                   acc);
       }
     }
     y[n * p.syn + (p.init + j) * p.syc + ho * p.syh + wo * p.syw] =
@@ -188,9 +197,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // y[n, init + j, ho, wo] = act(b[j] + sum over taps of w[j, tap] y[n, j / per, ho + dy - h,
-// wo + dx - h]), zero outside the map, for d == D: one thread a run (cheap_run) of a row,
-// grid-stride; consecutive threads take consecutive runs, or in channels_last consecutive j
-// (so y's accesses coalesce).
+// wo + dx - h]) (w tap-major, tap_stride), zero outside the map, for d == D: one thread a run
+// (cheap_run) of a row, grid-stride; consecutive threads take consecutive runs, or in
+// channels_last consecutive j (so y's accesses coalesce).
 template <typename T, Act A, int D>
 __global__ void __launch_bounds__(kThreads)
     cheap_run_kernel(T* __restrict__ y, const float* __restrict__ w,
@@ -207,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t ho = r / runs_w, wo0 = r % runs_w * kCheapRun;
     const T* src = y + n * p.syn + (j / p.per) * p.syc;
     float out[kCheapRun];
-    cheap_run<D>(w + j * D * D, b[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
+    cheap_run<D>(w + j, tap_stride(p), b[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
       const int64_t hi = ho + dy - h;
       if (hi < 0 || hi >= p.Ho) return false;
 #pragma unroll
@@ -483,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (j >= p.ghost || ho >= p.Ho || wo0 >= p.Wo) continue;
     const float* src = &s_x1[gi / p.per][ty * HW + tx0];  // the window's top-left corner
     float out[kCheapRun];
-    cheap_run<D>(w2 + j * D * D, b2[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
+    cheap_run<D>(w2 + j, tap_stride(p), b2[j], [&](int dy, float(&row)[kCheapRun + D - 1]) {
 #pragma unroll
       for (int u = 0; u < kCheapRun + D - 1; ++u) row[u] = src[dy * HW + u];
       return true;
@@ -609,6 +618,7 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
   at::Tensor w1, b1, w2, b2;
   std::tie(w1, b1) = fold(primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps);
   std::tie(w2, b2) = fold(cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps);
+  w2 = w2.reshape({w2.size(0), -1}).t().contiguous();  // tap-major (tap_stride)
   at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w},
                            x.options().memory_format(x.suggest_memory_format()));
   if (y.numel() == 0) return y;
