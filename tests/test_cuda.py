@@ -89,6 +89,9 @@ CASES = [
     # tensor-core slices with a remainder (64 + 8; 32 + 32 + 8), odd oup, 2 channel blocks.
     Case(72, 57, 28, 28, batch=3, channels_last=True),
     Case(200, 80, 14, 14, batch=4, channels_last=True, relu=False),
+    # d 1: both forms' cheap op with a 1-tap window.
+    Case(8, 12, 1, 9, dw_size=1),
+    Case(24, 40, 14, 30, dw_size=1, channels_last=True),
 ]
 
 

@@ -271,6 +271,27 @@ __device__ __forceinline__ OnePassBlock one_pass_block(const EvalParams& p) {
           tile % tiles_w * kOnePassTW, int64_t(blockIdx.y) * kOnePassChannels};
 }
 
+// Whether halo pixel hp (halo row * kCols + halo column, < kPixels) of the block's tile lies
+// inside the map.
+template <int D>
+__device__ __forceinline__ bool halo_in_map(const EvalParams& p, const OnePassBlock& blk,
+                                            int hp) {
+  constexpr int h = OnePassTile<D>::kHalo, HW = OnePassTile<D>::kCols;
+  const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
+  return ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
+}
+
+// x's offset of halo pixel hp's channel 0 (its output pixel sampled every `stride`), or -1
+// where hp is padding (>= kPixels) or outside the map.
+template <int D>
+__device__ __forceinline__ int64_t halo_x_offset(const EvalParams& p, const OnePassBlock& blk,
+                                                 int hp) {
+  constexpr int h = OnePassTile<D>::kHalo, HW = OnePassTile<D>::kCols;
+  if (hp >= OnePassTile<D>::kPixels || !halo_in_map<D>(p, blk, hp)) return -1;
+  const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
+  return blk.n * p.sxn + ho * p.stride * p.sxh + wo * p.stride * p.sxw;
+}
+
 // x1 = act(BN1(W1 x)) of the block's channels on its tile and halo into s_x1[cb][hp] (hp =
 // halo row * kCols + halo column), zero outside the map (the cheap op's zero padding) and for
 // channels past init: float FMAs, register-blocked. Thread t owns kFmaChannels channels from
@@ -285,7 +306,7 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
                                                 float (*s_x1)[OnePassTile<D>::kX1Ld]) {
   using Tile = OnePassTile<D>;
   constexpr int CB = kOnePassChannels, KC = kOnePassK, G = Tile::kFmaChannels;
-  constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
+  constexpr int HP = Tile::kPixels;
   constexpr int kItems = Tile::kFmaItems, kPixelStep = Tile::kFmaPixelStep;
   // Rows of HP + 2 (HP is a multiple of 4): a warp's k-fastest stores (16 k x 2 pixels) hit
   // distinct banks.
@@ -306,13 +327,8 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
     for (int i = threadIdx.x; i < KC * HP; i += kThreads) {
       const int k = x_channels_inner ? i % KC : i / HP;
       const int hp = x_channels_inner ? i / KC : i % HP;
-      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
-      float v = 0.f;
-      if (k0 + k < p.C && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo) {
-        v = static_cast<float>(x[blk.n * p.sxn + (k0 + k) * p.sxc + ho * p.stride * p.sxh +
-                                 wo * p.stride * p.sxw]);
-      }
-      s_x[k][hp] = v;
+      const int64_t off = halo_x_offset<D>(p, blk, hp);
+      s_x[k][hp] = off >= 0 && k0 + k < p.C ? static_cast<float>(x[off + (k0 + k) * p.sxc]) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -339,8 +355,7 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   for (int i = 0; i < kItems; ++i) {
     const int hp = hp0 + i * kPixelStep;
     if (hp < HP) {
-      const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
-      const bool in_map = ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
+      const bool in_map = halo_in_map<D>(p, blk, hp);
 #pragma unroll
       for (int c = 0; c < G; ++c) {
         const int64_t m = blk.m0 + ch0 + c;
@@ -366,8 +381,8 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
   using E = typename MmaElement<T>::type;
   namespace wmma = nvcuda::wmma;
   constexpr int CB = kOnePassChannels, KC = kOnePassMmaK, LD = kOnePassMmaLd;
-  constexpr int h = Tile::kHalo, HW = Tile::kCols, HP = Tile::kPixels;
-  constexpr int HPP = Tile::kPixelsPadded, kVec = 16 / sizeof(E), kVecs = KC / kVec;
+  constexpr int HP = Tile::kPixels, HPP = Tile::kPixelsPadded;
+  constexpr int kVec = 16 / sizeof(E), kVecs = KC / kVec;
   constexpr int kWBytes = CB * LD * int(sizeof(E)), kXBytes = HPP * LD * int(sizeof(E));
   constexpr int kAccBytes = CB * Tile::kAccLd * int(sizeof(float));
   constexpr int kBytes = kWBytes + kXBytes > kAccBytes ? kWBytes + kXBytes : kAccBytes;
@@ -380,12 +395,6 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
   const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
   const bool x_vectors = x_channel_vectors(x, g, kVec);
   const bool x_channels_inner = p.sxc == 1;
-  // x's offset of halo pixel hp's channel 0, or -1 where hp is padding or outside the map.
-  auto x_pixel = [&](int hp) -> int64_t {
-    const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW;
-    if (hp >= HP || ho < 0 || ho >= p.Ho || wo < 0 || wo >= p.Wo) return -1;
-    return blk.n * p.sxn + ho * p.stride * p.sxh + wo * p.stride * p.sxw;
-  };
   const int warp = threadIdx.x / 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tile::kFragsPerWarp];
 #pragma unroll
@@ -399,7 +408,7 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
     if (x_vectors) {
       for (int i = threadIdx.x; i < HPP * kVecs; i += kThreads) {
         const int hp = i / kVecs, k = (i % kVecs) * kVec;
-        const int64_t off = x_pixel(hp);
+        const int64_t off = halo_x_offset<D>(p, blk, hp);
         // C is a multiple of kVec here: the vector is wholly inside or outside x.
         *reinterpret_cast<uint4*>(&s_x[hp][k]) =
             off >= 0 && k0 + k < p.C ? __ldg(reinterpret_cast<const uint4*>(xe + off + k0 + k))
@@ -409,7 +418,7 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
       for (int i = threadIdx.x; i < HPP * KC; i += kThreads) {
         const int k = x_channels_inner ? i % KC : i / HPP;
         const int hp = x_channels_inner ? i / KC : i % HPP;
-        const int64_t off = x_pixel(hp);
+        const int64_t off = halo_x_offset<D>(p, blk, hp);
         s_x[hp][k] = off >= 0 && k0 + k < p.C ? xe[off + (k0 + k) * p.sxc]
                                               : MmaElement<T>::from_float(0.f);
       }
@@ -441,8 +450,8 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
   __syncthreads();
   for (int i = threadIdx.x; i < CB * HP; i += kThreads) {
     const int cb = i / HP, hp = i % HP;
-    const int64_t ho = blk.r0 - h + hp / HW, wo = blk.c0 - h + hp % HW, m = blk.m0 + cb;
-    const bool inside = m < p.init && ho >= 0 && ho < p.Ho && wo >= 0 && wo < p.Wo;
+    const int64_t m = blk.m0 + cb;
+    const bool inside = m < p.init && halo_in_map<D>(p, blk, hp);
     s_x1[cb][hp] = inside ? activate<A>(s_acc[cb][hp] + b1[m]) : 0.f;
   }
 }
@@ -581,7 +590,7 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                               b2.const_data_ptr<float>(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const int64_t runs = total / p.Wo * ((p.Wo + kCheapRun - 1) / kCheapRun);
+    const int64_t runs = p.N * p.ghost * p.Ho * ((p.Wo + kCheapRun - 1) / kCheapRun);
     switch (p.d) {
       case 1: go(cheap_run_kernel<T, A, 1>, runs); break;
       case 3: go(cheap_run_kernel<T, A, 3>, runs); break;
