@@ -58,7 +58,7 @@ constexpr int kThreads = kGemmThreads;
 // the tile is staged in shared memory so that consecutive threads store consecutive channels.
 template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
-    primary_kernel(const T* __restrict__ x, const float* __restrict__ w,
+    primary_kernel(const T* __restrict__ x, const T* __restrict__ w,
                    const float* __restrict__ b, T* __restrict__ y, EvalParams p) {
   const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
   float acc[2][4];
@@ -577,8 +577,10 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_pix = p.N * p.Ho * p.Wo;
   const dim3 grid((n_pix + kTileP - 1) / kTileP, (p.init + kTileM - 1) / kTileM);
+  // The GEMM takes the folded W1 in x's dtype (primary_gemm.cuh).
+  const at::Tensor w1x = w1.to(x.scalar_type()).contiguous();
   primary_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-      x.const_data_ptr<T>(), w1.const_data_ptr<float>(), b1.const_data_ptr<float>(),
+      x.const_data_ptr<T>(), w1x.const_data_ptr<T>(), b1.const_data_ptr<float>(),
       y.mutable_data_ptr<T>(), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.ghost > 0) {

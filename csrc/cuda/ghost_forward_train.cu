@@ -27,7 +27,7 @@ namespace {
 // valid pixels into part_mean / part_m2 (pixel tiles, M).
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads)
-    f1_primary(const T* __restrict__ x, const float* __restrict__ w, float* __restrict__ z1,
+    f1_primary(const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ z1,
                float* __restrict__ part_mean, float* __restrict__ part_m2, GemmShape g) {
   float acc[2][4];
   primary_gemm_tile(x, w, g, acc);
@@ -145,7 +145,7 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w},
                            x.options().memory_format(x.suggest_memory_format()));
   at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, f32);
-  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).to(at::kFloat).contiguous();
+  const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).contiguous();  // x's dtype
   const at::Tensor w2 =
       cheap_weight.reshape({new_ch, s.dw * s.dw}).to(at::kFloat).contiguous();
   const int64_t tiles1 = cdiv(M, kTileP), tiles = cdiv(P, kPlaneThreads);
@@ -161,7 +161,7 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     f1_primary<T><<<dim3(tiles1, cdiv(s.init, kTileM)), kGemmThreads, 0, stream>>>(
-        x.const_data_ptr<T>(), w1.const_data_ptr<float>(), z1.mutable_data_ptr<float>(),
+        x.const_data_ptr<T>(), w1.const_data_ptr<T>(), z1.mutable_data_ptr<float>(),
         part_mean1.mutable_data_ptr<float>(), part_m21.mutable_data_ptr<float>(), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::tie(mean1, var1) = combine_moments(part_mean1, part_m21, tile_counts(M, kTileP, x));

@@ -1,9 +1,11 @@
 // The primary 1x1 conv's GEMM tile, shared by the eval kernel (ghost_forward_eval.cu) and the
 // training forward (ghost_forward_train.cu), float accumulation, in two implementations behind
-// one entry point, primary_gemm_tile:
-//   half / bfloat16 on sm_80 and later: tensor cores (WMMA, 16 x 16 x 16 fragments), w rounded
-//     to x's dtype as the Triton backend's tl.dot does, K in slices of 64 through shared
-//     memory, the next slice's loads in flight while the tensor cores work on this one;
+// one entry point, primary_gemm_tile. The weights come in x's dtype (the eval's folded W1
+// rounded to it, as the Triton backend's tl.dot takes them), so a K slice of them moves half
+// the bytes of float weights in half precision (every block re-reads its rows' slab per tile).
+//   half / bfloat16 on sm_80 and later: tensor cores (WMMA, 16 x 16 x 16 fragments), K in
+//     slices of 64 through shared memory, the next slice's loads in flight while the tensor
+//     cores work on this one;
 //   float (and half / bfloat16 on older GPUs): float FMAs over shared-memory tiles.
 // Both produce the same per-thread tile (acc below), so the kernels' epilogues are shared.
 #pragma once
@@ -48,7 +50,7 @@ __device__ __forceinline__ int64_t x_pixel_offset(const GemmShape& g, int64_t pi
 // The float FMA implementation of primary_gemm_tile.
 template <typename T>
 __device__ __forceinline__ void primary_gemm_tile_fma(const T* __restrict__ x,
-                                                      const float* __restrict__ w,
+                                                      const T* __restrict__ w,
                                                       const GemmShape& g, float (&acc)[2][4]) {
   // Rows padded by 2: the k-fastest stores (of w, and of x in channels_last) hit distinct banks.
   __shared__ float ws[kTileK][kTileM + 2];
@@ -68,7 +70,7 @@ __device__ __forceinline__ void primary_gemm_tile_fma(const T* __restrict__ x,
     for (int i = threadIdx.x; i < kTileK * kTileM; i += kGemmThreads) {
       const int k = i % kTileK, m = i / kTileK;
       const bool ok = m0 + m < g.M && k0 + k < g.C;
-      ws[k][m] = ok ? w[(m0 + m) * g.C + k0 + k] : 0.f;
+      ws[k][m] = ok ? static_cast<float>(w[(m0 + m) * g.C + k0 + k]) : 0.f;
     }
     if (x_vectors) {
       // A thread loads one 16-byte vector, kVec consecutive channels of one pixel; in a warp,
@@ -138,39 +140,47 @@ constexpr int kMmaK = 64, kMmaLd = kMmaK + 8;
 // The accumulator tile's row length (floats): rows 2 apart (the two ty of a warp in the final
 // read) sit 16 banks apart.
 constexpr int kMmaCLd = kTileP + 8;
+// The K slice's 16-wide steps, one a warp group: warps 2 g and 2 g + 1 multiply step g.
+constexpr int kMmaKGroups = kMmaK / 16;
 
 // The tensor-core implementation of primary_gemm_tile, T half or bfloat16. Warp v (8 of them)
-// owns the 16 x 16 output fragment at rows 16 (v / 4), pixels 16 (v % 4) of the block's tile.
-// Per K slice a thread loads 8 weights (k = t % 64, rows t / 64 + 4 r) and either two 16-byte
-// vectors of x (x_channel_vectors: pixels t / 8 and t / 8 + 32, channels 8 (t % 8)...) or 16
+// owns a 32 x 32 quarter of the products: all 32 rows of the block's tile at pixels 32 (v % 2)
+// on, 2 x 2 fragments, over the 16-wide step v / 2 of each K slice (so each fragment it loads
+// from shared memory feeds two multiplies, not one); the four step groups' partial tiles are
+// summed through shared memory at the end, in a fixed order.
+// Per K slice a thread loads 8 weights (row t / 8, k 8 (t % 8)...: one 16-byte vector where w's
+// rows are whole aligned vectors, C a multiple of 8) and either two 16-byte vectors of x (x_channel_vectors: pixels t / 8 and t / 8 + 32, channels 8 (t % 8)...) or 16
 // elements (channels t % 64 of pixels t / 64 + 4 r where x's channel stride is 1, else pixel
 // t % 64's channels t / 64 + 4 r: consecutive threads read consecutive addresses); those loads
 // for slice s + 1 are issued before the fragments of slice s are multiplied.
 template <typename T>
 __device__ __forceinline__ void primary_gemm_tile_mma(const T* __restrict__ x,
-                                                      const float* __restrict__ w,
+                                                      const T* __restrict__ w,
                                                       const GemmShape& g, float (&acc)[2][4]) {
   using E = typename MmaElement<T>::type;
   namespace wmma = nvcuda::wmma;
   constexpr int kVec = 16 / sizeof(E);                              // elements a 16-byte vector
-  constexpr int kWLoads = kTileM * kMmaK / kGemmThreads;            // 8
+  constexpr int kThreadsPerRow = kMmaK / kVec;                      // 8 (weights)
   constexpr int kXLoads = kTileP * kMmaK / kGemmThreads;            // 16 scalar elements
   constexpr int kXVecLoads = kTileP * kMmaK / kVec / kGemmThreads;  // 2 vectors
   constexpr int kThreadsPerPixel = kMmaK / kVec;                    // 8 (vector path)
   constexpr int kStep = kGemmThreads / kMmaK;                       // 4: rows / pixels apart
-  static_assert(kXVecLoads == 2 && kTileP == kMmaK && kGemmThreads % kMmaK == 0,
+  static_assert(kXVecLoads == 2 && kTileP == kMmaK && kGemmThreads % kMmaK == 0 &&
+                    kTileM * kThreadsPerRow == kGemmThreads,
                 "the load mappings below assume these tile sizes");
+  static_assert(kTileM == 32 && kTileP == 64 && kGemmThreads / 32 == 2 * kMmaKGroups,
+                "the warps' 32 x 32 quarters and step groups below assume these sizes");
   // A: ws (row m, k) row-major; B: xs (k, pixel q) column-major, so xs[q] holds pixel q's K
   // slice and a 16-byte vector of its channels is one store. C (after the K loop, over them).
   constexpr int kABytes = kTileM * kMmaLd * int(sizeof(E));
   constexpr int kBBytes = kTileP * kMmaLd * int(sizeof(E));
-  constexpr int kCBytes = kTileM * kMmaCLd * int(sizeof(float));
+  constexpr int kCBytes = kMmaKGroups * kTileM * kMmaCLd * int(sizeof(float));
   constexpr int kBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
   __shared__ __align__(32) unsigned char smem[kBytes];
   __shared__ int64_t s_pix[kTileP];  // x's offset of each pixel of the tile, -1 past the end
   auto ws = reinterpret_cast<E(*)[kMmaLd]>(smem);
   auto xs = reinterpret_cast<E(*)[kMmaLd]>(smem + kABytes);
-  auto cs = reinterpret_cast<float(*)[kMmaCLd]>(smem);
+  auto cs = reinterpret_cast<float(*)[kTileM][kMmaCLd]>(smem);  // [step group][row][pixel]
 
   const int t = threadIdx.x;
   const int64_t n_pix = g.N * g.Ho * g.Wo;
@@ -178,9 +188,11 @@ __device__ __forceinline__ void primary_gemm_tile_mma(const T* __restrict__ x,
   if (t < kTileP) s_pix[t] = pix0 + t < n_pix ? x_pixel_offset(g, pix0 + t) : -1;
   __syncthreads();
   const E* xe = reinterpret_cast<const E*>(x);
+  const E* we = reinterpret_cast<const E*>(w);
   const bool x_vectors = x_channel_vectors(x, g, kVec);
+  const bool w_vectors = g.C % kVec == 0 && reinterpret_cast<std::uintptr_t>(w) % 16 == 0;
   const bool x_channels_inner = g.sxc == 1;
-  const int k_w = t % kMmaK, m_w = t / kMmaK;        // weights: (m_w + 4 r, k_w)
+  const int m_w = t / kThreadsPerRow, k_w = (t % kThreadsPerRow) * kVec;  // weights: row, k..+7
   const int q_vec = t / kThreadsPerPixel;            // x vectors: pixels q_vec, q_vec + 32,
   const int k_vec = (t % kThreadsPerPixel) * kVec;   // channels k_vec..+7
   // x scalars: (pixel, channel) (t / 64 + 4 r, t % 64) or (t % 64, t / 64 + 4 r).
@@ -190,14 +202,20 @@ __device__ __forceinline__ void primary_gemm_tile_mma(const T* __restrict__ x,
     k = x_channels_inner ? lane : step;
   };
 
-  E w_next[kWLoads];
+  alignas(16) E w_next[kVec];
   uint4 xv_next[kXVecLoads];
   E x_next[kXLoads];
   auto fetch = [&](int64_t k0) {  // slice k0 from global memory into registers
+    const int64_t m = m0 + m_w, k = k0 + k_w;
+    if (w_vectors) {  // C a multiple of kVec: the vector is wholly inside or outside w's row
+      *reinterpret_cast<uint4*>(w_next) =
+          m < g.M && k < g.C ? __ldg(reinterpret_cast<const uint4*>(we + m * g.C + k))
+                             : make_uint4(0u, 0u, 0u, 0u);
+    } else {
 #pragma unroll
-    for (int r = 0; r < kWLoads; ++r) {
-      const int64_t m = m0 + m_w + r * kStep, k = k0 + k_w;
-      w_next[r] = MmaElement<T>::from_float(m < g.M && k < g.C ? w[m * g.C + k] : 0.f);
+      for (int u = 0; u < kVec; ++u) {
+        w_next[u] = m < g.M && k + u < g.C ? we[m * g.C + k + u] : MmaElement<T>::from_float(0.f);
+      }
     }
     if (x_vectors) {
 #pragma unroll
@@ -220,8 +238,7 @@ __device__ __forceinline__ void primary_gemm_tile_mma(const T* __restrict__ x,
     }
   };
   auto stash = [&]() {  // the fetched slice into shared memory
-#pragma unroll
-    for (int r = 0; r < kWLoads; ++r) ws[m_w + r * kStep][k_w] = w_next[r];
+    *reinterpret_cast<uint4*>(&ws[m_w][k_w]) = *reinterpret_cast<const uint4*>(w_next);
     if (x_vectors) {
 #pragma unroll
       for (int u = 0; u < kXVecLoads; ++u) {
@@ -237,31 +254,47 @@ __device__ __forceinline__ void primary_gemm_tile_mma(const T* __restrict__ x,
     }
   };
 
-  const int warp = t / 32, frag_m = 16 * (warp / 4), frag_p = 16 * (warp % 4);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-  wmma::fill_fragment(c, 0.f);
+  const int warp = t / 32, p_w = 32 * (warp % 2), group = warp / 2, kk = 16 * group;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) wmma::fill_fragment(c[r][q], 0.f);
   fetch(0);
   for (int64_t k0 = 0; k0 < g.C; k0 += kMmaK) {
     stash();
     __syncthreads();
     if (k0 + kMmaK < g.C) fetch(k0 + kMmaK);  // in flight during the multiplies
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b[2];
 #pragma unroll
-    for (int kk = 0; kk < kMmaK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
-      wmma::load_matrix_sync(a, &ws[frag_m][kk], kMmaLd);
-      wmma::load_matrix_sync(b, &xs[frag_p][kk], kMmaLd);
-      wmma::mma_sync(c, a, b, c);
-    }
+    for (int r = 0; r < 2; ++r) wmma::load_matrix_sync(a[r], &ws[16 * r][kk], kMmaLd);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) wmma::load_matrix_sync(b[q], &xs[p_w + 16 * q][kk], kMmaLd);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) wmma::mma_sync(c[r][q], a[r], b[q], c[r][q]);
     __syncthreads();  // every warp is done with ws / xs: the next stash, or cs, may overwrite
   }
-  wmma::store_matrix_sync(&cs[frag_m][frag_p], c, kMmaCLd, wmma::mem_row_major);
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      wmma::store_matrix_sync(&cs[group][16 * r][p_w + 16 * q], c[r][q], kMmaCLd,
+                              wmma::mem_row_major);
+    }
   __syncthreads();
   const int tx = t % 16, ty = t / 16;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = cs[2 * ty + i][tx + 16 * j];
+    for (int j = 0; j < 4; ++j) {
+      float sum = 0.f;
+#pragma unroll
+      for (int s = 0; s < kMmaKGroups; ++s) sum += cs[s][2 * ty + i][tx + 16 * j];
+      acc[i][j] = sum;
+    }
 }
 
 // WMMA in half and bfloat16 needs sm_80 (bfloat16; half has it from sm_70, kept to one rule).
@@ -273,12 +306,12 @@ constexpr bool kHasMma = true;
 
 // acc[i][j] = sum_k w[m0 + 2 ty + i, k] x[k, pixel pix0 + tx + 16 j] for this block's 32 x 64
 // tile of (channel, pixel), blockIdx (pixel tile, channel tile), 16 x 16 threads (tx =
-// threadIdx.x % 16, ty = threadIdx.x / 16), each 2 channels x 4 pixels. w: (M, C) float,
-// contiguous. Out-of-range rows and pixels accumulate zeros. Every thread of the block calls it,
+// threadIdx.x % 16, ty = threadIdx.x / 16), each 2 channels x 4 pixels. w: (M, C) in x's
+// dtype, contiguous. Out-of-range rows and pixels accumulate zeros. Every thread of the block calls it,
 // once per kernel (its shared memory is not guarded against a second call).
 template <typename T>
 __device__ __forceinline__ void primary_gemm_tile(const T* __restrict__ x,
-                                                  const float* __restrict__ w,
+                                                  const T* __restrict__ w,
                                                   const GemmShape& g, float (&acc)[2][4]) {
   if constexpr (kHasMma && !std::is_same_v<T, float>) {
     primary_gemm_tile_mma(x, w, g, acc);
