@@ -380,8 +380,9 @@ def bench_module(
 def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
     """(label, backend, environment) of each way ghostops runs a GPU module here: the Triton
     and the CUDA C++ backends, those available, each in both of its eval forms
-    (``GHOSTOPS_TRITON_EVAL``, ``GHOSTOPS_CUDA_EVAL``). Empty on the CPU, where the fused time
-    is the ``cpu`` backend's."""
+    (``GHOSTOPS_TRITON_EVAL``, ``GHOSTOPS_CUDA_EVAL``), and the CUDA two-kernel form with its
+    GEMM held to 32-row tiles (``GHOSTOPS_CUDA_GEMM_ROWS``: what the automatic 64 / 128 rows
+    gain). Empty on the CPU, where the fused time is the ``cpu`` backend's."""
     if device.type != "cuda":
         return []
     available = ghostops.available_backends()
@@ -392,6 +393,8 @@ def gpu_backend_runs(device: torch.device) -> list[tuple[str, str, dict]]:
     if "cuda" in available:
         runs += [(f"cuda {f}", "cuda", {"GHOSTOPS_CUDA_EVAL": f})
                  for f in ("one_pass", "two_kernels")]  # fmt: skip
+        rows32 = {"GHOSTOPS_CUDA_EVAL": "two_kernels", "GHOSTOPS_CUDA_GEMM_ROWS": "32"}
+        runs.append(("cuda two_kernels rows 32", "cuda", rows32))
     return runs
 
 

@@ -92,7 +92,24 @@ CASES = [
     # d 1: both forms' cheap op with a 1-tap window.
     Case(8, 12, 1, 9, dw_size=1),
     Case(24, 40, 14, 30, dw_size=1, channels_last=True),
+    # channels_last, C a multiple of 8: the GEMMs' 64- and 128-row tiles (init 100: one 128-row
+    # tile, its last 28 rows empty; init 168: three 64-row tiles; init 240: two 128-row tiles).
+    Case(64, 200, 9, 13, batch=3, channels_last=True),
+    Case(48, 336, 7, 7, batch=5, channels_last=True, relu=False),
+    Case(40, 480, 5, 5, batch=3, channels_last=True),
 ]
+
+
+def check_eval(case: Case, dtype: torch.dtype) -> None:
+    """The CUDA eval op on fresh random inputs in ``dtype`` against the float64 reference."""
+    x, params = make_args(case, torch.float32)
+    x, params = x.cuda().to(dtype), [t.cuda().to(dtype) for t in params]
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = run_fused(case, x, params)
+    ref = run_reference(case, x.cpu().float(), [t.cpu().float() for t in params])
+    assert y.shape == ref.shape and y.dtype == dtype and y.is_cuda
+    assert rel_err(y.cpu(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -103,14 +120,23 @@ CASES = [
 @pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")
 def test_cuda_eval_matches_reference(case, dtype, form, monkeypatch):
     monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", form)
+    check_eval(case, dtype)
+
+
+@pytest.mark.parametrize("rows", ["32", "64", "128"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")
+def test_cuda_gemm_rows_override_matches_reference(rows, monkeypatch):
+    """Each height of the GEMM tile forced (GHOSTOPS_CUDA_GEMM_ROWS) on one shape, init 100 in
+    4, 2 or 1 tiles: the two-kernel eval in float32 and float16 (tensor cores), and training
+    (its first pass is the same GEMM)."""
+    monkeypatch.setenv("GHOSTOPS_CUDA_GEMM_ROWS", rows)
+    monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", "two_kernels")
+    case = Case(48, 200, 11, 13, batch=3, channels_last=True)
+    for dtype in (torch.float32, torch.float16):
+        check_eval(case, dtype)
     x, params = make_args(case, torch.float32)
-    x, params = x.cuda().to(dtype), [t.cuda().to(dtype) for t in params]
-    if case.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = run_fused(case, x, params)
-    ref = run_reference(case, x.cpu().float(), [t.cpu().float() for t in params])
-    assert y.shape == ref.shape and y.dtype == dtype and y.is_cuda
-    assert rel_err(y.cpu(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    check_training(case, x, params, torch.float16, "cuda", "cuda")
 
 
 @pytest.mark.gpu
@@ -235,6 +261,10 @@ def test_cuda_eval_form_override_is_checked(monkeypatch):
     x, p = make_args(case)
     monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", "fast")
     with pytest.raises(RuntimeError, match="GHOSTOPS_CUDA_EVAL='fast'"):
+        run_fused(case, x.cuda(), [t.cuda() for t in p])
+    monkeypatch.setenv("GHOSTOPS_CUDA_EVAL", "two_kernels")
+    monkeypatch.setenv("GHOSTOPS_CUDA_GEMM_ROWS", "96")
+    with pytest.raises(RuntimeError, match="GHOSTOPS_CUDA_GEMM_ROWS='96'"):
         run_fused(case, x.cuda(), [t.cuda() for t in p])
 
 

@@ -104,8 +104,11 @@ def test_eval_plan_takes_one_pass_for_thin_primaries(monkeypatch):
     # float32: 58 flops a byte for 72->40 (28x28), under the float16 limit, over float32's
     assert eval_plan(72, 20, 40, 20, 3, 4)["form"] == "two_kernels"
     assert eval_plan(24, 36, 72, 36, 3, 4)["form"] == "one_pass"  # 41 flops a byte
-    plan = eval_plan(960, 80, 160, 80, 3, 2)
-    assert (plan["BLOCK_M"], plan["BLOCK_K"], plan["num_warps"]) == (64, 64, 4)
+    plan = eval_plan(960, 80, 160, 80, 3, 2)  # 80 rows in one block of 128, not two of 64
+    assert (plan["BLOCK_M"], plan["BLOCK_K"], plan["num_warps"]) == (128, 64, 4)
+    assert eval_plan(960, 80, 160, 80, 3, 4)["BLOCK_M"] == 64  # float32: at most 64
+    assert eval_plan(960, 480, 960, 480, 3, 2)["BLOCK_M"] == 128  # 4 blocks, 512 rows
+    assert eval_plan(960, 130, 260, 130, 3, 2)["BLOCK_M"] == 64  # 192 rows, not 256
     plan = eval_plan(24, 36, 72, 36, 3, 2)  # one pass: at most 32 rows, then 8 warps
     assert (plan["form"], plan["BLOCK_M"], plan["num_warps"]) == ("one_pass", 32, 8)
     assert eval_plan(6, 5, 10, 5, 3, 4)["BLOCK_M"] == 16

@@ -10,8 +10,9 @@
 //                    (a thread a run of 8 outputs along a row, the window in registers; 16-byte
 //                    stores of the run where y's rows are contiguous and aligned). x read
 //                    once (halo aside), y written once, nothing read back. d in {1, 3, 5, 7};
-//   primary_kernel + cheap_run_kernel  the 1x1 conv as a tiled GEMM (primary_gemm.cuh: 32
-//                    channels x 64 pixels a block), BN1 + act in its epilogue, into y[:, :init];
+//   primary_kernel + cheap_run_kernel  the 1x1 conv as a tiled GEMM (primary_gemm.cuh: 32, 64
+//                    or 128 channels x 64 pixels a block, so x is read once per 128 intrinsic
+//                    channels), BN1 + act in its epilogue, into y[:, :init];
 //                    then the depthwise op reading those channels back (from L2), BN2 + act,
 //                    into y[:, init:oup], in runs as above (cheap_kernel, an output a thread,
 //                    for other d): where the halo's recomputation would cost more than the
@@ -53,50 +54,64 @@ struct EvalParams {
 
 constexpr int kThreads = kGemmThreads;
 
-// y[n, m, p] = act(b[m] + sum_k w[m, k] x[n, k, p * stride]) for a 32 x 64 tile of (channel,
-// pixel) (primary_gemm.cuh); pixels run over all images (n * Ho * Wo of them). In channels_last
-// the tile is staged in shared memory so that consecutive threads store consecutive channels.
-template <typename T, Act A>
-__global__ void __launch_bounds__(kThreads)
+// y[n, m, p] = act(b[m] + sum_k w[m, k] x[n, k, p * stride]) for a kRows x 64 tile of
+// (channel, pixel) (primary_gemm.cuh); pixels run over all images (n * Ho * Wo of them), each
+// pixel's y offset computed once a block (s_ypix). In channels_last the tile is staged in
+// shared memory, 32 channels at a time, so that consecutive threads store consecutive channels.
+template <typename T, Act A, int kRows, bool kXVectors>
+__global__ void __launch_bounds__(kThreads, 2)
     primary_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                   const float* __restrict__ b, T* __restrict__ y, EvalParams p) {
-  const GemmShape g{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
-  float acc[2][4];
-  primary_gemm_tile(x, w, g, acc);
+                   const float* __restrict__ b, T* __restrict__ y, EvalParams p, GemmShape g) {
+  // g: p's GEMM, a parameter of its own (read from the parameter bank as the GEMM needs it,
+  // where a local copy built from p was held in registers through the K loop).
+  constexpr int R = kRows / 16;  // a thread's rows of the tile: R ty + i
   const int64_t P = p.Ho * p.Wo, n_pix = p.N * P;
-  const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
+  const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kRows;
+  __shared__ int64_t s_ypix[kTileP];  // y's offset of each pixel of the tile, -1 past the end
+  if (threadIdx.x < kTileP) {
+    const int64_t pix = pix0 + threadIdx.x, n = pix / P, r = pix % P;
+    s_ypix[threadIdx.x] = pix < n_pix ? n * p.syn + r / p.Wo * p.syh + r % p.Wo * p.syw : -1;
+  }
+  float acc[R][4];
+  primary_gemm_tile<T, kRows, kXVectors>(x, w, g, acc);
+  __syncthreads();  // s_ypix
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   if (p.syc == 1) {
-    // channels_last: the tile through shared memory, then written with the channel fastest.
-    // Rows of kTileM + 2: each half-warp's float2 stores (a channel pair, 16 pixels) hit all
-    // 32 banks once.
-    __shared__ __align__(8) float out[kTileP][kTileM + 2];
+    // Rows of 32 + 2: each half-warp's float2 stores (a channel pair, 16 pixels) hit all 32
+    // banks once.
+    constexpr int kChunk = 32;
+    __shared__ __align__(8) float out[kTileP][kChunk + 2];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      *reinterpret_cast<float2*>(&out[tx + 16 * j][2 * ty]) = make_float2(acc[0][j], acc[1][j]);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kTileM * kTileP; i += kThreads) {
-      const int c = i % kTileM, q = i / kTileM;
-      const int64_t m = m0 + c, pix = pix0 + q;
-      if (m >= p.init || pix >= n_pix) continue;
-      const int64_t n = pix / P, r = pix % P, ho = r / p.Wo, wo = r % p.Wo;
-      y[n * p.syn + m * p.syc + ho * p.syh + wo * p.syw] =
-          static_cast<T>(activate<A>(out[q][c] + b[m]));
+    for (int c0 = 0; c0 < kRows; c0 += kChunk) {
+      if (m0 + c0 >= p.init) break;  // the same for every thread: the rest of the tile is empty
+      if (c0 > 0) __syncthreads();   // the previous chunk's readers are done with out
+      if (R * ty >= c0 && R * ty < c0 + kChunk) {  // this thread's rows are in the chunk
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < R; i += 2) {
+            *reinterpret_cast<float2*>(&out[tx + 16 * j][R * ty - c0 + i]) =
+                make_float2(acc[i][j], acc[i + 1][j]);
+          }
+      }
+      __syncthreads();
+      for (int i = threadIdx.x; i < kChunk * kTileP; i += kThreads) {
+        const int c = i % kChunk, q = i / kChunk;
+        const int64_t m = m0 + c0 + c, off = s_ypix[q];
+        if (m >= p.init || off < 0) continue;
+        y[off + m] = static_cast<T>(activate<A>(out[q][c] + b[m]));  // channel stride 1
+      }
     }
     return;
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + 2 * ty + i;
+  for (int i = 0; i < R; ++i) {
+    const int64_t m = m0 + R * ty + i;
     if (m >= p.init) continue;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int64_t pix = pix0 + tx + 16 * j;
-      if (pix >= n_pix) continue;
-      const int64_t n = pix / P, r = pix % P, ho = r / p.Wo, wo = r % p.Wo;
-      y[n * p.syn + m * p.syc + ho * p.syh + wo * p.syw] =
-          static_cast<T>(activate<A>(acc[i][j] + b[m]));
+      const int64_t off = s_ypix[tx + 16 * j];
+      if (off >= 0) y[off + m * p.syc] = static_cast<T>(activate<A>(acc[i][j] + b[m]));
     }
   }
 }
@@ -576,13 +591,18 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
             const at::Tensor& w2, const at::Tensor& b2, at::Tensor& y, const EvalParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_pix = p.N * p.Ho * p.Wo;
-  const dim3 grid((n_pix + kTileP - 1) / kTileP, (p.init + kTileM - 1) / kTileM);
   // The GEMM takes the folded W1 in x's dtype (primary_gemm.cuh).
   const at::Tensor w1x = w1.to(x.scalar_type()).contiguous();
-  primary_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-      x.const_data_ptr<T>(), w1x.const_data_ptr<T>(), b1.const_data_ptr<float>(),
-      y.mutable_data_ptr<T>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const GemmShape gemm{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
+  const bool x_vectors = x_channel_vectors(x.const_data_ptr<T>(), gemm, 16 / sizeof(T));
+  dispatch_gemm_tile(p.init, x_vectors, [&](auto rows_tag, auto xv_tag) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    const dim3 grid((n_pix + kTileP - 1) / kTileP, (p.init + kRows - 1) / kRows);
+    primary_kernel<T, A, kRows, decltype(xv_tag)::value><<<grid, kThreads, 0, stream>>>(
+        x.const_data_ptr<T>(), w1x.const_data_ptr<T>(), b1.const_data_ptr<float>(),
+        y.mutable_data_ptr<T>(), p, gemm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   if (p.ghost > 0) {
     const int64_t total = p.N * p.ghost * p.Ho * p.Wo;
     auto go = [&](auto kernel, int64_t items) {

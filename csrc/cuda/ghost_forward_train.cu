@@ -25,18 +25,19 @@ namespace {
 
 // z1[n, m, q] = sum_k w[m, k] x[n, k, q strided]; the tile's per-channel mean and M2 over its
 // valid pixels into part_mean / part_m2 (pixel tiles, M).
-template <typename T>
-__global__ void __launch_bounds__(kGemmThreads)
+template <typename T, int kRows, bool kXVectors>
+__global__ void __launch_bounds__(kGemmThreads, 2)
     f1_primary(const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ z1,
                float* __restrict__ part_mean, float* __restrict__ part_m2, GemmShape g) {
-  float acc[2][4];
-  primary_gemm_tile(x, w, g, acc);
+  constexpr int R = kRows / 16;  // a thread's rows of the tile: R ty + i
+  float acc[R][4];
+  primary_gemm_tile<T, kRows, kXVectors>(x, w, g, acc);
   const int64_t P = g.Ho * g.Wo, n_pix = g.N * P;
-  const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kTileM;
+  const int64_t pix0 = int64_t(blockIdx.x) * kTileP, m0 = int64_t(blockIdx.y) * kRows;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const float count = float(n_pix - pix0 < kTileP ? n_pix - pix0 : kTileP);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < R; ++i) {
     // The 16 threads of a half-warp (same ty) hold a channel's 64 pixels: sums over them by
     // xor shuffles inside the half-warp, every lane of the warp taking part.
     float s = 0.f;
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) m2 += __shfl_xor_sync(0xffffffffu, m2, o);
-    const int64_t m = m0 + 2 * ty + i;
+    const int64_t m = m0 + R * ty + i;
     if (m >= g.M) continue;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -160,10 +161,15 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   at::Tensor mean1, var1, mean2, var2;
   dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    f1_primary<T><<<dim3(tiles1, cdiv(s.init, kTileM)), kGemmThreads, 0, stream>>>(
-        x.const_data_ptr<T>(), w1.const_data_ptr<T>(), z1.mutable_data_ptr<float>(),
-        part_mean1.mutable_data_ptr<float>(), part_m21.mutable_data_ptr<float>(), g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool x_vectors = x_channel_vectors(x.const_data_ptr<T>(), g, 16 / sizeof(T));
+    dispatch_gemm_tile(s.init, x_vectors, [&](auto rows_tag, auto xv_tag) {
+      constexpr int kRows = decltype(rows_tag)::value;
+      const dim3 grid(tiles1, cdiv(s.init, kRows));
+      f1_primary<T, kRows, decltype(xv_tag)::value><<<grid, kGemmThreads, 0, stream>>>(
+          x.const_data_ptr<T>(), w1.const_data_ptr<T>(), z1.mutable_data_ptr<float>(),
+          part_mean1.mutable_data_ptr<float>(), part_m21.mutable_data_ptr<float>(), g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     std::tie(mean1, var1) = combine_moments(part_mean1, part_m21, tile_counts(M, kTileP, x));
     at::Tensor sc1, sh1, invstd1;
     std::tie(sc1, sh1, invstd1) = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps);

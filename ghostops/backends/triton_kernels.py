@@ -266,9 +266,13 @@ def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) ->
       (rows are ghost channels: ratio > 2 repeats each intrinsic row ratio - 1 times), stays
       within ``ONE_PASS_MAX_FLOPS_PER_BYTE`` (half that for float32) of the
       ``(inp + oup) * itemsize`` bytes the module moves per output pixel; else ``two_kernels``.
-    - Row blocks (channels) of 16-64 (16-32 in one pass, whose nine unrolled taps would spill
-      registers at 64 rows: 1.1 KB a thread for 24->72 in a compile for sm_90), the power of two
-      that covers them where it can, so small modules do not compute empty rows; K blocks of
+    - Row blocks (channels) of 16-128, the power of two that covers them where it can, so small
+      modules do not compute empty rows and a GEMM reads x once per 128 intrinsic channels
+      rather than once per 64 (GhostNet's 80- to 120-channel primaries: once, not twice, for
+      the same rows computed); past 128, blocks of 64 where 128 would compute more empty rows.
+      At most 64 in float32 (its pipeline stages' tiles take twice the bytes) and 32 in one
+      pass (whose nine unrolled taps would spill registers at 64 rows: 1.1 KB a thread for
+      24->72 in a compile for sm_90); K blocks of
       16-64 (at most 32 in a float32 one pass: at 64, channels_last 72->24 spilled 216 bytes a
       thread); 64 pixels a tile (the cheap op's tile: ``cheap_tile``); 8 warps in one pass
       (with 4, float32 72->24 spilled 500 bytes a thread), else 4. ``python
@@ -286,7 +290,9 @@ def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) ->
         form = "one_pass" if intensity <= limit else "two_kernels"
     one_pass = form == "one_pass"
     rows = triton.next_power_of_2(new if one_pass else init)
-    block_m = max(16, min(32 if one_pass else 64, rows))
+    block_m = max(16, min(32 if one_pass else 64 if itemsize == 4 else 128, rows))
+    if block_m == 128 and init > 128 and -(-init // 64) * 64 < -(-init // 128) * 128:
+        block_m = 64
     block_k = 32 if one_pass and itemsize == 4 else 64
     return {
         "form": form,
