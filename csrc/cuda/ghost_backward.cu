@@ -249,20 +249,21 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   });
   const at::Tensor dbeta1 = sum_ga1.sum(0), dgamma1 = sum_gx1.sum(0);
 
-  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)), then the primary conv's GEMMs, where
-  // their gradients are asked for. Outputs contiguous, as the CPU kernel's and the fake's.
+  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in float32, then the primary conv's
+  // GEMMs, where their gradients are asked for, in x's dtype (cuBLAS: tensor cores for half
+  // inputs, float32 accumulation, as cuDNN's conv backward and the Triton backend's). Outputs
+  // contiguous, as the CPU kernel's and the fake's.
   at::Tensor grad_x = x.new_empty({0}), grad_w1 = x.new_empty({0});
   if (output_mask[0] || output_mask[1]) {
     const at::Tensor k1 = (bn1_weight.to(at::kFloat) * invstd1).unsqueeze(1);
     const at::Tensor x1hat =
         (z.reshape({s.batch, s.init, P}) - mean1f.unsqueeze(1)) * invstd1.unsqueeze(1);
     const at::Tensor mean_ga1 = (dbeta1 / double(M)).unsqueeze(1);
-    const at::Tensor dz1 = k1 * (ga1 - mean_ga1 - x1hat * (dgamma1 / double(M)).unsqueeze(1));
-    const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).to(at::kFloat);
+    const at::Tensor dz1 =
+        (k1 * (ga1 - mean_ga1 - x1hat * (dgamma1 / double(M)).unsqueeze(1))).to(x.scalar_type());
+    const at::Tensor w1 = primary_weight.reshape({s.init, s.inp});  // x's dtype (checked above)
     if (output_mask[0]) {
-      const at::Tensor gxs = at::matmul(w1.t(), dz1)
-                                 .reshape({s.batch, s.inp, s.out_h, s.out_w})
-                                 .to(x.scalar_type());
+      const at::Tensor gxs = at::matmul(w1.t(), dz1).reshape({s.batch, s.inp, s.out_h, s.out_w});
       if (stride == 1) {
         grad_x = gxs.contiguous();
       } else {
@@ -271,10 +272,8 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
       }
     }
     if (output_mask[1]) {
-      const at::Tensor xs = x.slice(2, 0, s.height, stride)
-                                .slice(3, 0, s.width, stride)
-                                .reshape({s.batch, s.inp, P})
-                                .to(at::kFloat);
+      const at::Tensor xs =
+          x.slice(2, 0, s.height, stride).slice(3, 0, s.width, stride).reshape({s.batch, s.inp, P});
       grad_w1 = at::einsum("nip,ncp->ic", {dz1, xs})
                     .reshape(primary_weight.sizes())
                     .to(primary_weight.scalar_type());
