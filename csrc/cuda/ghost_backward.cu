@@ -188,11 +188,14 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   const at::Tensor w2 =
       cheap_weight.reshape({new_ch, s.dw * s.dw}).to(at::kFloat).contiguous();
   const at::Tensor z = z1.contiguous();
+  // The plane kernels' threads run along a channel plane's pixels: grad_y in NCHW, so that
+  // their reads coalesce (a channels_last grad_y is transposed once, by ATen's copy).
+  const at::Tensor gy_nchw = grad_y.contiguous();
   const int64_t tiles = cdiv(P, kPlaneThreads), ghost = s.ghost;
   const TrainParams p{s.batch,          s.out_h,          s.out_w,          P,
                       s.init,           ghost,            new_ch,           s.ratio - 1,
-                      s.dw,             grad_y.stride(0), grad_y.stride(1), grad_y.stride(2),
-                      grad_y.stride(3)};
+                      s.dw,             gy_nchw.stride(0), gy_nchw.stride(1), gy_nchw.stride(2),
+                      gy_nchw.stride(3)};
 
   at::Tensor dgamma2 = at::zeros({new_ch}, f32), dbeta2 = at::zeros({new_ch}, f32);
   at::Tensor dw2 = at::zeros({new_ch, s.dw * s.dw}, f32);
@@ -204,7 +207,7 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     using T = decltype(tag);
     auto passes = [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;
-      const T* gy = grad_y.const_data_ptr<T>();
+      const T* gy = gy_nchw.const_data_ptr<T>();
       if (ghost > 0) {
         at::Tensor sum_ga = at::empty({s.batch * tiles, ghost}, f32);
         at::Tensor sum_gx = at::empty_like(sum_ga);

@@ -143,8 +143,11 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w},
-                           x.options().memory_format(x.suggest_memory_format()));
+  // y is computed in NCHW and, for a channels_last x, transposed once at the end (ATen's copy):
+  // f2_cheap's threads run along a channel plane's pixels, whose stores into a channels_last y
+  // would land C elements apart (a 32-byte sector per 2 or 4 bytes written).
+  const at::MemoryFormat y_format = x.suggest_memory_format();
+  at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w}, x.options());
   at::Tensor z1 = at::empty({s.batch, s.init, s.out_h, s.out_w}, f32);
   const at::Tensor w1 = primary_weight.reshape({s.init, s.inp}).contiguous();  // x's dtype
   const at::Tensor w2 =
@@ -198,7 +201,7 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
       passes(std::integral_constant<Act, Act::Identity>{});
     }
   });
-  return {y, z1, mean1, var1, mean2, var2};
+  return {y.contiguous(y_format), z1, mean1, var1, mean2, var2};
 }
 
 }  // namespace
