@@ -57,9 +57,9 @@ def test_cuda_kernels_compile_for_sm90_without_spills():
     lines = run.stdout.splitlines()
     assert lines and all(line.startswith("ok    sm_90 ") for line in lines), run.stdout
     names = {re.search(r"::(\w+)<", line.split("; ", 1)[1]).group(1) for line in lines}
-    assert names == {"one_pass_kernel", "primary_kernel", "cheap_kernel", "cheap_run_kernel",
-                     "f1_primary", "f2_cheap", "f3_affine_act", "b1_ghost_sums", "b2_dz2",
-                     "b3_dx1"}  # fmt: skip
+    assert names == {"fold_kernel", "one_pass_kernel", "primary_kernel", "cheap_kernel",
+                     "cheap_run_kernel", "f1_primary", "f2_cheap", "f3_affine_act",
+                     "b1_ghost_sums", "b2_dz2", "b3_dx1"}  # fmt: skip
     assert not any("<double" in line for line in lines), run.stdout
     smem = [int(re.search(r"smem (\d+) B", line).group(1)) for line in lines]
     assert max(smem) <= 48 * 1024, run.stdout

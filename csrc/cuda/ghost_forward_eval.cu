@@ -1,6 +1,7 @@
 // Eval-mode Ghost module on the GPU, CUDA C++: the CUDA implementation of
 // ghostops::ghost_forward_eval (schema in csrc/ops.cpp, same contract as the CPU kernel), both
-// BatchNorms folded beforehand, on the current stream. Two forms, picked per shape by
+// BatchNorms folded beforehand (fold_kernel, one launch), on the current stream. Two forms,
+// picked per shape by
 // `use_one_pass` (a documented heuristic; GHOSTOPS_CUDA_EVAL=one_pass / two_kernels forces one):
 //   one_pass_kernel  DESIGN.md's one pass: a block owns an 8 x 16 tile of one image's output and
 //                    16 intrinsic channels; it computes their x1 = act(BN1(W1 x)) on the tile
@@ -17,9 +18,9 @@
 //                    into y[:, init:oup], in runs as above (cheap_kernel, an output a thread,
 //                    for other d): where the halo's recomputation would cost more than the
 //                    re-read (wide primaries on small maps), and for other d.
-// Both primary GEMMs run on the tensor cores (WMMA, float accumulation, the folded W1 rounded to
-// x's dtype as the Triton backend does) for half / bfloat16 on sm_80 and later, as float FMAs
-// for float (and on older GPUs). Ghost channels past oup are never computed. Any strides (NCHW,
+// Both primary GEMMs take the folded W1 in x's dtype (rounded as the Triton backend's tl.dot
+// takes it) and run on the tensor cores (WMMA, float accumulation) for half / bfloat16 on
+// sm_80 and later, as float FMAs for float (and on older GPUs). Ghost channels past oup are never computed. Any strides (NCHW,
 // channels_last, views): the output follows the input's memory format; where x's or y's
 // channel stride is 1 (channels_last), every kernel has consecutive threads access its
 // consecutive channels, so those accesses coalesce, and both GEMMs read x as 16-byte vectors of
@@ -31,6 +32,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -315,7 +317,7 @@ __device__ __forceinline__ int64_t halo_x_offset(const EvalParams& p, const OneP
 // feed kFmaChannels FMAs a pixel.
 template <typename T, Act A, int D>
 __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
-                                                const float* __restrict__ w1,
+                                                const T* __restrict__ w1,
                                                 const float* __restrict__ b1,
                                                 const EvalParams& p, const OnePassBlock& blk,
                                                 float (*s_x1)[OnePassTile<D>::kX1Ld]) {
@@ -337,7 +339,9 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   for (int64_t k0 = 0; k0 < p.C; k0 += KC) {
     for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
       const int k = i / CB, cb = i % CB;  // channel-fastest: the stores hit distinct banks
-      s_w[k][cb] = blk.m0 + cb < p.init && k0 + k < p.C ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f;
+      s_w[k][cb] = blk.m0 + cb < p.init && k0 + k < p.C
+                       ? static_cast<float>(w1[(blk.m0 + cb) * p.C + k0 + k])
+                       : 0.f;
     }
     for (int i = threadIdx.x; i < KC * HP; i += kThreads) {
       const int k = x_channels_inner ? i % KC : i / HP;
@@ -380,15 +384,15 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
   }
 }
 
-// one_pass_x1_fma's result on the tensor cores, T half or bfloat16 (w1 rounded to T, as the
-// GEMM of primary_gemm.cuh): per K slice, w1's 16 x kOnePassMmaK block (row-major A) and the
-// halo pixels' channels (column-major B: a pixel's slice contiguous, so a 16-byte vector of
-// its channels is one load and one store where x_channel_vectors holds); warp v multiplies
+// one_pass_x1_fma's result on the tensor cores, T half or bfloat16: per K slice, w1's 16 x
+// kOnePassMmaK block (row-major A) and the halo pixels' channels (column-major B: a pixel's
+// slice contiguous, so a 16-byte vector of its channels is one load and one store where
+// x_channel_vectors holds); warp v multiplies
 // the 16-pixel fragments v, v + 8, ... into float accumulators, stored through shared memory
 // (aliasing the slices) for BN1 + act.
 template <typename T, Act A, int D>
 __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
-                                                const float* __restrict__ w1,
+                                                const T* __restrict__ w1,
                                                 const float* __restrict__ b1,
                                                 const EvalParams& p, const OnePassBlock& blk,
                                                 float (*s_x1)[OnePassTile<D>::kX1Ld]) {
@@ -418,7 +422,8 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
     for (int i = threadIdx.x; i < CB * KC; i += kThreads) {
       const int cb = i / KC, k = i % KC;
       const bool ok = blk.m0 + cb < p.init && k0 + k < p.C;
-      s_w[cb][k] = MmaElement<T>::from_float(ok ? w1[(blk.m0 + cb) * p.C + k0 + k] : 0.f);
+      s_w[cb][k] = ok ? reinterpret_cast<const E*>(w1)[(blk.m0 + cb) * p.C + k0 + k]
+                      : MmaElement<T>::from_float(0.f);
     }
     if (x_vectors) {
       for (int i = threadIdx.x; i < HPP * kVecs; i += kThreads) {
@@ -476,7 +481,7 @@ __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
 // y[:, m] and the cheap op into the ghost channels.
 template <typename T, Act A, int D>
 __global__ void __launch_bounds__(kThreads, 2)
-    one_pass_kernel(const T* __restrict__ x, const float* __restrict__ w1,
+    one_pass_kernel(const T* __restrict__ x, const T* __restrict__ w1,
                     const float* __restrict__ b1, const float* __restrict__ w2,
                     const float* __restrict__ b2, T* __restrict__ y, EvalParams p) {
   using Tile = OnePassTile<D>;
@@ -526,6 +531,57 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// Both BatchNorms folded into the kernels' parameters in one launch (the ATen ops it replaces
+// came to about twenty launches a call, more GPU time than the module's own kernels take at
+// 7x7): with sc = gamma / sqrt(var + eps) in float,
+//   w1f[m, k] = W1[m, k] sc1[m] in T (x's dtype: the GEMMs' operand, rounded as the Triton
+//   backend's tl.dot takes it), b1[m] = beta1[m] - mean1[m] sc1[m],
+//   w2t[t, j] = W2[j, t] sc2[j] (tap-major: tap_stride), b2[j] = beta2[j] - mean2[j] sc2[j];
+// b1, w2t and b2 are consecutive in one float buffer. Conv weights in T, BatchNorm parameters
+// (all eight) in TB, contiguous (the host converts what is not).
+struct FoldParams {
+  int64_t init, inp, new_ch, taps;
+  float eps1, eps2;
+};
+
+template <typename TB>
+__device__ __forceinline__ float bn_scale(const TB* g, const TB* v, int64_t c, float eps) {
+  return static_cast<float>(g[c]) / sqrtf(static_cast<float>(v[c]) + eps);
+}
+
+template <typename T, typename TB>
+__global__ void __launch_bounds__(kThreads)
+    fold_kernel(const T* __restrict__ w1, const TB* __restrict__ g1, const TB* __restrict__ bt1,
+                const TB* __restrict__ m1, const TB* __restrict__ v1,
+                const T* __restrict__ w2, const TB* __restrict__ g2, const TB* __restrict__ bt2,
+                const TB* __restrict__ m2, const TB* __restrict__ v2, T* __restrict__ w1f,
+                float* __restrict__ b1, float* __restrict__ w2t, float* __restrict__ b2,
+                FoldParams f) {
+  const int64_t n1 = f.init * f.inp, n2 = f.new_ch * f.taps;
+  const int64_t total = n1 + f.init + n2 + f.new_ch;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t e = i;
+    if (e < n1) {
+      w1f[e] = static_cast<T>(static_cast<float>(w1[e]) * bn_scale(g1, v1, e / f.inp, f.eps1));
+      continue;
+    }
+    e -= n1;
+    if (e < f.init) {
+      b1[e] = static_cast<float>(bt1[e]) - static_cast<float>(m1[e]) * bn_scale(g1, v1, e, f.eps1);
+      continue;
+    }
+    e -= f.init;
+    if (e < n2) {  // e = t * new + j: consecutive threads, consecutive ghost channels
+      const int64_t t = e / f.new_ch, j = e % f.new_ch;
+      w2t[e] = static_cast<float>(w2[j * f.taps + t]) * bn_scale(g2, v2, j, f.eps2);
+      continue;
+    }
+    e -= n2;
+    b2[e] = static_cast<float>(bt2[e]) - static_cast<float>(m2[e]) * bn_scale(g2, v2, e, f.eps2);
+  }
+}
+
 // One-pass launch for a d the kernel is instantiated for; false for other d.
 template <typename T, Act A>
 bool launch_one_pass(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -536,7 +592,7 @@ bool launch_one_pass(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
                         ((p.Wo + kOnePassTW - 1) / kOnePassTW);
   const dim3 grid(p.N * tiles, (p.init + kOnePassChannels - 1) / kOnePassChannels);
   auto go = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<T>(), w1.const_data_ptr<float>(),
+    kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<T>(), w1.const_data_ptr<T>(),
                                           b1.const_data_ptr<float>(), w2.const_data_ptr<float>(),
                                           b2.const_data_ptr<float>(), y.mutable_data_ptr<T>(), p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -591,15 +647,13 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
             const at::Tensor& w2, const at::Tensor& b2, at::Tensor& y, const EvalParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_pix = p.N * p.Ho * p.Wo;
-  // The GEMM takes the folded W1 in x's dtype (primary_gemm.cuh).
-  const at::Tensor w1x = w1.to(x.scalar_type()).contiguous();
   const GemmShape gemm{p.N, p.C, p.init, p.Ho, p.Wo, p.stride, p.sxn, p.sxc, p.sxh, p.sxw};
   const bool x_vectors = x_channel_vectors(x.const_data_ptr<T>(), gemm, 16 / sizeof(T));
   dispatch_gemm_tile(p.init, x_vectors, [&](auto rows_tag, auto xv_tag) {
     constexpr int kRows = decltype(rows_tag)::value;
     const dim3 grid((n_pix + kTileP - 1) / kTileP, (p.init + kRows - 1) / kRows);
     primary_kernel<T, A, kRows, decltype(xv_tag)::value><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<T>(), w1x.const_data_ptr<T>(), b1.const_data_ptr<float>(),
+        x.const_data_ptr<T>(), w1.const_data_ptr<T>(), b1.const_data_ptr<float>(),
         y.mutable_data_ptr<T>(), p, gemm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -637,19 +691,6 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
   TORCH_CHECK(x.is_cuda(), "ghost_forward_eval (CUDA kernel): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const Act activation = parse_act(std::string(act));
-  auto fold = [](const at::Tensor& w, const at::Tensor& g, const at::Tensor& bt,
-                 const at::Tensor& m, const at::Tensor& v, double eps) {
-    std::pair<at::Tensor, at::Tensor> folded =
-        fold_bn(w.to(at::kFloat), g.to(at::kFloat), bt.to(at::kFloat), m.to(at::kFloat),
-                v.to(at::kFloat), eps);
-    return std::pair{folded.first.contiguous(), folded.second.contiguous()};
-  };
-  // (Plain variables, not structured bindings: the lambdas below capture them, which C++17
-  // does not allow for bindings.)
-  at::Tensor w1, b1, w2, b2;
-  std::tie(w1, b1) = fold(primary_weight, bn1_weight, bn1_bias, bn1_mean, bn1_var, bn1_eps);
-  std::tie(w2, b2) = fold(cheap_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, bn2_eps);
-  w2 = w2.reshape({w2.size(0), -1}).t().contiguous();  // tap-major (tap_stride)
   at::Tensor y = at::empty({s.batch, s.oup, s.out_h, s.out_w},
                            x.options().memory_format(x.suggest_memory_format()));
   if (y.numel() == 0) return y;
@@ -658,8 +699,52 @@ at::Tensor ghost_forward_eval_cuda(const at::Tensor& x, const at::Tensor& primar
                      x.stride(1), x.stride(2), x.stride(3), y.stride(0), y.stride(1),
                      y.stride(2), y.stride(3)};
   const bool one_pass = use_one_pass(p, s.oup, x.scalar_type());
+
+  // fold_kernel's inputs: conv weights in x's dtype, the eight BatchNorm vectors in one dtype,
+  // x's or float (anything else, or a mix, converted to float here), all contiguous: no-ops
+  // for a model in one dtype.
+  const std::array<const at::Tensor*, 8> bn = {&bn1_weight, &bn1_bias, &bn1_mean, &bn1_var,
+                                               &bn2_weight, &bn2_bias, &bn2_mean, &bn2_var};
+  at::ScalarType bn_dtype = bn1_weight.scalar_type();
+  for (const at::Tensor* t : bn) {
+    if (t->scalar_type() != bn_dtype) bn_dtype = at::kFloat;
+  }
+  if (bn_dtype != x.scalar_type()) bn_dtype = at::kFloat;
+  std::array<at::Tensor, 8> bnc;
+  for (size_t i = 0; i < bn.size(); ++i) bnc[i] = bn[i]->to(bn_dtype).contiguous();
+  const at::Tensor w1_raw = primary_weight.to(x.scalar_type()).contiguous();
+  const at::Tensor w2_raw = cheap_weight.to(x.scalar_type()).contiguous();
+  const int64_t new_ch = cheap_weight.size(0), taps = s.dw * s.dw;
+  // The folded parameters: w1 (init, inp) in x's dtype; b1 | w2 (tap-major) | b2 in one float
+  // buffer.
+  at::Tensor w1 = at::empty({s.init, s.inp}, x.options());
+  const at::Tensor folded =
+      at::empty({s.init + new_ch * taps + new_ch}, x.options().dtype(at::kFloat));
+  const at::Tensor b1 = folded.narrow(0, 0, s.init);
+  const at::Tensor w2 = folded.narrow(0, s.init, new_ch * taps);
+  const at::Tensor b2 = folded.narrow(0, s.init + new_ch * taps, new_ch);
+  const FoldParams f{s.init, s.inp, new_ch, taps, float(bn1_eps), float(bn2_eps)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_gpu_dtype("ghost_forward_eval (CUDA kernel)", x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    auto fold = [&](auto bn_tag) {
+      using TB = decltype(bn_tag);
+      const int64_t total = s.init * s.inp + s.init + new_ch * taps + new_ch;
+      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 1024);
+      fold_kernel<T, TB><<<blocks, kThreads, 0, stream>>>(
+          w1_raw.const_data_ptr<T>(), bnc[0].const_data_ptr<TB>(), bnc[1].const_data_ptr<TB>(),
+          bnc[2].const_data_ptr<TB>(), bnc[3].const_data_ptr<TB>(), w2_raw.const_data_ptr<T>(),
+          bnc[4].const_data_ptr<TB>(), bnc[5].const_data_ptr<TB>(), bnc[6].const_data_ptr<TB>(),
+          bnc[7].const_data_ptr<TB>(), w1.mutable_data_ptr<T>(),
+          folded.mutable_data_ptr<float>(), folded.mutable_data_ptr<float>() + s.init,
+          folded.mutable_data_ptr<float>() + s.init + new_ch * taps, f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (bn_dtype == at::kFloat) {
+      fold(float{});
+    } else {
+      fold(T{});
+    }
     auto run = [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;
       if (one_pass && launch_one_pass<T, A>(x, w1, b1, w2, b2, y, p)) return;
