@@ -195,8 +195,8 @@ def test_kernels_compile_for_a_gpu():
     for line in lines:
         dtype, layout, shape, _, name = line.split(":")[0].split()[2:7]
         kernels.setdefault((dtype, layout, shape, name), line.split(";", 1)[1])
-    names = "_one_pass_kernel _primary_kernel _cheap_kernel _f1_primary _f2_cheap _f3_affine_act"
-    names += " _b1_ghost_sums _b2_dz2 _b3_dx1"  # every kernel of the three ops
+    names = "_fold_kernel _one_pass_kernel _primary_kernel _cheap_kernel _f1_primary _f2_cheap"
+    names += " _f3_affine_act _b1_ghost_sums _b2_dz2 _b3_dx1"  # every kernel of the three ops
     assert {k[3] for k in kernels} == set(names.split())
     for dtype in ("fp16", "bf16"):
         for name in ("_one_pass_kernel", "_primary_kernel", "_cheap_kernel"):

@@ -248,6 +248,56 @@ def _one_pass_kernel(
     tl.store(y_ptr + y2, x2.to(y_ptr.dtype.element_ty), mask=ghost_ok[:, None] & ok[None, :])
 
 
+@triton.jit
+def _fold_kernel(
+    g1_ptr, bt1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, bt2_ptr, m2_ptr, v2_ptr, eps2, w2_ptr,
+    sc1_ptr, sh1_ptr, w2f_ptr, b2_ptr, INIT, NEW, TAPS, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Both eval BatchNorms as the kernels take them, in one launch (``bn_affine``'s torch ops
+    and the cheap weights' fold were about twenty launches a call): sc1 = g1 / sqrt(v1 + eps1),
+    sh1 = bt1 - m1 sc1 (init channels); w2f[j, t] = w2[j, t] sc2[j], b2 = bt2 - m2 sc2 (new
+    ghost channels); float32, whatever dtype the vectors come in."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < INIT
+    g = tl.load(g1_ptr + e, mask=ok, other=1.0).to(tl.float32)
+    v = tl.load(v1_ptr + e, mask=ok, other=1.0).to(tl.float32)
+    sc = g / tl.sqrt_rn(v + eps1)
+    tl.store(sc1_ptr + e, sc, mask=ok)
+    bt = tl.load(bt1_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m1_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    tl.store(sh1_ptr + e, bt - m * sc, mask=ok)
+    ok = e < NEW * TAPS
+    j = e // TAPS
+    g = tl.load(g2_ptr + j, mask=ok, other=1.0).to(tl.float32)
+    v = tl.load(v2_ptr + j, mask=ok, other=1.0).to(tl.float32)
+    w = tl.load(w2_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    tl.store(w2f_ptr + e, w * (g / tl.sqrt_rn(v + eps2)), mask=ok)
+    ok = e < NEW
+    g = tl.load(g2_ptr + e, mask=ok, other=1.0).to(tl.float32)
+    v = tl.load(v2_ptr + e, mask=ok, other=1.0).to(tl.float32)
+    bt = tl.load(bt2_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m2_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    tl.store(b2_ptr + e, bt - m * (g / tl.sqrt_rn(v + eps2)), mask=ok)
+
+
+def fold_eval_params(bn1, bn1_eps, cheap_weight, bn2, bn2_eps):
+    """(sc1, sh1, w2f, b2) of ``_fold_kernel`` from bn = (weight, bias, running mean, running
+    var) and the cheap weights (new, 1, d, d): float32 views of one buffer, one launch."""
+    init, new = bn1[0].shape[0], cheap_weight.shape[0]
+    taps = cheap_weight.shape[-1] * cheap_weight.shape[-2]
+    out = torch.empty(2 * init + new * taps + new, dtype=torch.float32, device=cheap_weight.device)
+    sc1, sh1, w2f, b2 = out.split([init, init, new * taps, new])
+    block = 1024
+    grid = (triton.cdiv(max(init, new * taps), block),)
+    g1, bt1, m1, v1 = (t.contiguous() for t in bn1)
+    g2, bt2, m2, v2 = (t.contiguous() for t in bn2)
+    wrap_triton(_fold_kernel)[grid](
+        g1, bt1, m1, v1, bn1_eps, g2, bt2, m2, v2, bn2_eps, cheap_weight.contiguous(),
+        sc1, sh1, w2f, b2, init, new, taps, BLOCK=block,
+    )  # fmt: skip
+    return sc1, sh1, w2f, b2
+
+
 def bn_affine(mean, var, gamma, beta, eps):
     """A BatchNorm with these statistics (running ones in eval, the batch's in training) as
     x -> scale x + shift, float32: (scale, shift, invstd). The training forward and backward
@@ -344,9 +394,10 @@ def ghost_forward_eval_triton(
     if y.numel() == 0:
         return y
     w1 = primary_weight.reshape(init, inp).contiguous()
-    sc1, sh1, _ = bn_affine(bn1_mean, bn1_var, bn1_weight, bn1_bias, bn1_eps)
-    sc2, b2, _ = bn_affine(bn2_mean, bn2_var, bn2_weight, bn2_bias, bn2_eps)
-    w2 = (cheap_weight.reshape(new, d * d).float() * sc2[:, None]).contiguous()
+    sc1, sh1, w2, b2 = fold_eval_params(
+        (bn1_weight, bn1_bias, bn1_mean, bn1_var), bn1_eps, cheap_weight,
+        (bn2_weight, bn2_bias, bn2_mean, bn2_var), bn2_eps,
+    )  # fmt: skip
     relu = act == "relu"
     P = ho * wo
     plan = eval_plan(inp, init, oup, new, d, x.element_size())
