@@ -123,6 +123,21 @@ def test_cuda_eval_matches_reference(case, dtype, form, monkeypatch):
     check_eval(case, dtype)
 
 
+@pytest.mark.parametrize("bn_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")
+def test_cuda_eval_with_batchnorms_of_another_dtype(bn_dtype):
+    """Half x and conv weights, BatchNorm vectors in float32 (as autocast leaves them: the fold
+    kernel reads them as float) or bfloat16 (another dtype: converted to float first)."""
+    case = Case(40, 120, 9, 13, batch=2, channels_last=True)
+    x, params = make_args(case, torch.float32)
+    x = x.cuda().half().contiguous(memory_format=torch.channels_last)
+    params = [t.cuda().to(torch.half if t.dim() == 4 else bn_dtype) for t in params]
+    y = run_fused(case, x, params)
+    ref = run_reference(case, x.cpu().float(), [t.cpu().float() for t in params])
+    assert y.dtype == torch.half and rel_err(y.cpu(), ref) < 1e-2
+
+
 @pytest.mark.parametrize("rows", ["32", "64", "128"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ext.cuda_available(), reason="needs a GPU and the CUDA kernels")

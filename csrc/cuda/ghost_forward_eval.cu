@@ -1,8 +1,8 @@
 // Eval-mode Ghost module on the GPU, CUDA C++: the CUDA implementation of
 // ghostops::ghost_forward_eval (schema in csrc/ops.cpp, same contract as the CPU kernel), both
 // BatchNorms folded beforehand (fold_kernel, one launch), on the current stream. Two forms,
-// picked per shape by
-// `use_one_pass` (a documented heuristic; GHOSTOPS_CUDA_EVAL=one_pass / two_kernels forces one):
+// picked per shape by `use_one_pass` (a documented heuristic; GHOSTOPS_CUDA_EVAL=one_pass /
+// two_kernels forces one):
 //   one_pass_kernel  DESIGN.md's one pass: a block owns an 8 x 16 tile of one image's output and
 //                    16 intrinsic channels; it computes their x1 = act(BN1(W1 x)) on the tile
 //                    plus its d / 2 halo (recomputed, never read from a neighbour) into shared
@@ -20,12 +20,12 @@
 //                    re-read (wide primaries on small maps), and for other d.
 // Both primary GEMMs take the folded W1 in x's dtype (rounded as the Triton backend's tl.dot
 // takes it) and run on the tensor cores (WMMA, float accumulation) for half / bfloat16 on
-// sm_80 and later, as float FMAs for float (and on older GPUs). Ghost channels past oup are never computed. Any strides (NCHW,
-// channels_last, views): the output follows the input's memory format; where x's or y's
-// channel stride is 1 (channels_last), every kernel has consecutive threads access its
-// consecutive channels, so those accesses coalesce, and both GEMMs read x as 16-byte vectors of
-// channels where they can. float / half / bfloat16 (float64 is refused: ghostops runs it through
-// the reference).
+// sm_80 and later, as float FMAs for float (and on older GPUs). Ghost channels past oup are
+// never computed. Any strides (NCHW, channels_last, views): the output follows the input's
+// memory format; where x's or y's channel stride is 1 (channels_last), every kernel has
+// consecutive threads access its consecutive channels, so those accesses coalesce, and both
+// GEMMs read x as 16-byte vectors of channels where they can. float / half / bfloat16 (float64
+// is refused: ghostops runs it through the reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>

@@ -98,7 +98,8 @@ __global__ void __launch_bounds__(kPlaneThreads)
 }
 
 // y[:, init + j] = act(y sc2[j] + sh2[j]) for j < ghost, grid-stride; consecutive threads take
-// consecutive pixels, or in channels_last consecutive j (so y's accesses coalesce).
+// consecutive pixels, or consecutive j where y's channel stride is 1 (so y's accesses
+// coalesce; the forward passes an NCHW y, whose channel stride is 1 only on 1 x 1 maps).
 template <typename T, Act A>
 __global__ void __launch_bounds__(kPlaneThreads)
     f3_affine_act(T* __restrict__ y, const float* __restrict__ sc2,
