@@ -55,11 +55,12 @@ __global__ void __launch_bounds__(kPlaneThreads)
                   float* __restrict__ sum_gx, TrainParams p) {
   const PlaneIndex i = plane_index(p.ghost, p);
   const GhostGrad gg = ghost_grad<T, A>(i, z1, gy, w2, sc1, sh1, sc2, sh2, mean2, invstd2, p);
-  const float s_ga = block_sum(gg.ga), s_gx = block_sum(gg.ga * gg.xh);
+  float sums[2] = {gg.ga, gg.ga * gg.xh};
+  block_sums(sums);
   if (threadIdx.x == 0) {
     const int64_t part = (i.n * gridDim.y + blockIdx.y) * p.ghost + i.ch;
-    sum_ga[part] = s_ga;
-    sum_gx[part] = s_gx;
+    sum_ga[part] = sums[0];
+    sum_gx[part] = sums[1];
   }
 }
 
@@ -83,11 +84,23 @@ __global__ void __launch_bounds__(kPlaneThreads)
   if (i.ok) dz2[(i.n * p.ghost + j) * p.P + i.q] = dz;
   const float* z = z1 + (i.n * p.init + c) * p.P;
   const int64_t part = ((i.n * gridDim.y + blockIdx.y) * p.ghost + j) * d * d;
-  for (int dy = 0; dy < d; ++dy) {
-    for (int dx = 0; dx < d; ++dx) {
-      const float v = i.ok ? x1_at<A>(z, i.ho + dy - h, i.wo + dx - h, p, sc1[c], sh1[c]) : 0.f;
-      const float s = block_sum(dz * v);
-      if (threadIdx.x == 0) dw_part[part + dy * d + dx] = s;
+  // The weight gradient's per-tap block sums, kTaps taps a round of block_sums.
+  constexpr int kTaps = 8;
+  for (int t0 = 0; t0 < d * d; t0 += kTaps) {
+    float v[kTaps];
+#pragma unroll
+    for (int u = 0; u < kTaps; ++u) {
+      const int t = t0 + u, dy = t / d, dx = t % d;
+      v[u] = i.ok && t < d * d
+                 ? dz * x1_at<A>(z, i.ho + dy - h, i.wo + dx - h, p, sc1[c], sh1[c])
+                 : 0.f;
+    }
+    block_sums(v);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int u = 0; u < kTaps; ++u) {
+        if (t0 + u < d * d) dw_part[part + t0 + u] = v[u];
+      }
     }
   }
 }
@@ -129,11 +142,12 @@ __global__ void __launch_bounds__(kPlaneThreads)
     ga1[e] = ga;
     xh = (z - mean1[c]) * invstd1[c];
   }
-  const float s_ga = block_sum(ga), s_gx = block_sum(ga * xh);
+  float sums[2] = {ga, ga * xh};
+  block_sums(sums);
   if (threadIdx.x == 0) {
     const int64_t part = (i.n * gridDim.y + blockIdx.y) * p.init + c;
-    sum_ga[part] = s_ga;
-    sum_gx[part] = s_gx;
+    sum_ga[part] = sums[0];
+    sum_gx[part] = sums[1];
   }
 }
 

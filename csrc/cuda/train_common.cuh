@@ -72,6 +72,35 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
+// block_sum of each of v[0..N) at once, the sums returned in v to every thread: one pair of
+// barriers for all N (block_sum takes three a value), the same fixed order (so each sum is
+// block_sum's, bit for bit). Every thread of the block must call it.
+template <int N>
+__device__ __forceinline__ void block_sums(float (&v)[N]) {
+  constexpr int kWarps = kPlaneThreads / 32;
+  __shared__ float partial[N][kWarps];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      v[i] += __shfl_xor_sync(0xffffffffu, v[i], offset);
+    }
+  }
+  __syncthreads();  // the previous call's readers are done with partial
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) partial[i][threadIdx.x / 32] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += partial[i][w];
+    v[i] = s;
+  }
+}
+
 // The (image, channel) plane and the pixel of this thread in a plane kernel whose grid is
 // (images x channels, pixel tiles) of kPlaneThreads pixels.
 struct PlaneIndex {
