@@ -91,12 +91,4 @@ GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weigh
   return s;
 }
 
-std::pair<at::Tensor, at::Tensor> fold_bn(const at::Tensor& weight, const at::Tensor& gamma,
-                                          const at::Tensor& beta, const at::Tensor& mean,
-                                          const at::Tensor& var, double eps) {
-  const at::Tensor scale = gamma * (var + eps).rsqrt();
-  at::Tensor folded = (weight.reshape({weight.size(0), -1}) * scale.unsqueeze(1)).contiguous();
-  return {folded, (beta - mean * scale).contiguous()};
-}
-
 }  // namespace ghostops

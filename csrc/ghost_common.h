@@ -68,10 +68,5 @@ GhostShape check_ghost_args(const at::Tensor& x, const at::Tensor& primary_weigh
                             const at::Tensor& bn2_var, int64_t oup, int64_t stride,
                             VectorDtype vectors = VectorDtype::SameAsX);
 
-// BatchNorm folded into a conv: w' = w * gamma / sqrt(var + eps), b = beta - mean * that.
-// Returns {weight (channels, fan_in) contiguous, bias (channels)} in weight's dtype.
-std::pair<at::Tensor, at::Tensor> fold_bn(const at::Tensor& weight, const at::Tensor& gamma,
-                                          const at::Tensor& beta, const at::Tensor& mean,
-                                          const at::Tensor& var, double eps);
 
 }  // namespace ghostops

@@ -387,9 +387,8 @@ __device__ __forceinline__ void one_pass_x1_fma(const T* __restrict__ x,
 // one_pass_x1_fma's result on the tensor cores, T half or bfloat16: per K slice, w1's 16 x
 // kOnePassMmaK block (row-major A) and the halo pixels' channels (column-major B: a pixel's
 // slice contiguous, so a 16-byte vector of its channels is one load and one store where
-// x_channel_vectors holds); warp v multiplies
-// the 16-pixel fragments v, v + 8, ... into float accumulators, stored through shared memory
-// (aliasing the slices) for BN1 + act.
+// x_channel_vectors holds); warp v multiplies the 16-pixel fragments v, v + 8, ... into float
+// accumulators, stored through shared memory (aliasing the slices) for BN1 + act.
 template <typename T, Act A, int D>
 __device__ __forceinline__ void one_pass_x1_mma(const T* __restrict__ x,
                                                 const T* __restrict__ w1,
