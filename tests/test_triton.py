@@ -196,7 +196,9 @@ def test_kernels_compile_for_a_gpu():
         dtype, layout, shape, _, name = line.split(":")[0].split()[2:7]
         kernels.setdefault((dtype, layout, shape, name), line.split(";", 1)[1])
     names = "_fold_kernel _one_pass_kernel _primary_kernel _cheap_kernel _f1_primary _f2_cheap"
-    names += " _f3_affine_act _b1_ghost_sums _b2_dz2 _b3_dx1"  # every kernel of the three ops
+    names += " _f3_affine_act _b1_ghost_sums _b2_dz2 _b3_dx1 _b4_dz1 _bn_stats_kernel"
+    names += " _bn_affine_kernel _bn_grad_kernel _column_sum_kernel _partial_sums_kernel"
+    # (every kernel of the three ops)
     assert {k[3] for k in kernels} == set(names.split())
     for dtype in ("fp16", "bf16"):
         for name in ("_one_pass_kernel", "_primary_kernel", "_cheap_kernel"):
@@ -391,6 +393,75 @@ def test_training_float64_runs_the_reference():
     with ghostops.use_backend("triton"):
         y = m(torch.randn(2, 6, 5, 7, device=DEVICE, dtype=torch.float64))
     assert "triton" not in y.grad_fn.name()
+
+
+# --------------------------------------------------------------------------------------------
+# The training kernels' per-channel reductions of per-tile rows (triton_train._reduce_rows):
+# read directly, and in float64 chunks past REDUCE_ITERS row blocks (the 1500- and 300-row
+# tables), over one and several blocks of columns.
+
+REDUCE_SHAPES = [(7, 3), (1500, 5), (300, 40), (2, 70)]
+
+
+def _reduce(finish, a, b, *args, **kwargs):
+    """triton_train._reduce_rows on DEVICE copies; outputs (args that are tensors) poisoned
+    with NaN beforehand, returned in float64 on the CPU."""
+    from ghostops.backends import triton_train
+
+    dev = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args]
+    outs = [t for t, src in zip(dev, args) if isinstance(src, torch.Tensor) and src.isnan().all()]
+    triton_train._reduce_rows(finish, a.to(DEVICE), None if b is None else b.to(DEVICE), *dev,
+                              **kwargs)  # fmt: skip
+    return [o.cpu().double() for o in outs]
+
+
+def _nan(*shape):
+    return torch.full(shape, float("nan"))
+
+
+@pytest.mark.parametrize("rows, C", REDUCE_SHAPES, ids=str)
+def test_batch_statistics_from_tile_moments(rows, C):
+    """_bn_stats_kernel: the batch mean and biased variance of per-tile (mean, M2) rows (tiles
+    of 64 values, the last one partial) against their float64 combination (Chan et al.), with
+    tile means near 1000 and a variance near 0.3, where float32 raw moments would cancel; and
+    BN's scale and shift from them."""
+    from ghostops.backends import triton_train
+
+    tile = 64
+    n_pix = (rows - 1) * tile + 23
+    counts = torch.full((rows, 1), float(tile), dtype=torch.float64)
+    counts[-1] = 23
+    mean_t = (1000 + 0.2 * torch.randn(rows, C)).float()
+    m2_t = (torch.rand(rows, C) * 0.5 * counts).float()
+    mu = (mean_t.double() * counts).sum(0) / n_pix
+    var = (m2_t.double().sum(0) + (counts * (mean_t.double() - mu) ** 2).sum(0)) / n_pix
+    g, b = torch.rand(C) + 0.5, torch.randn(C)
+    outs = [_nan(C) for _ in range(4)]  # mean, var, scale, shift
+    mean, v, sc, sh = _reduce(
+        triton_train._bn_stats_kernel, mean_t, m2_t, g, b, 1e-3, *outs, n_pix=n_pix, tile=tile
+    )
+    torch.testing.assert_close(mean, mu, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v, var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(sc, g.double() / torch.sqrt(v + 1e-3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sh, b.double() - mean * sc, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, C", REDUCE_SHAPES, ids=str)
+def test_batchnorm_gradient_terms_from_tile_sums(rows, C):
+    """_bn_grad_kernel: dbeta, dgamma (column sums of per-tile sums) and (gamma invstd,
+    dbeta / M, dgamma / M); _column_sum_kernel: a plain column sum."""
+    from ghostops.backends import triton_train
+
+    ga, gx = torch.randn(rows, C), torch.randn(rows, C)
+    g, invstd, M = torch.randn(C), torch.rand(C) + 0.1, 1000 * rows
+    db, dg, coef = _reduce(triton_train._bn_grad_kernel, ga, gx, g, invstd, _nan(C), _nan(C),
+                           _nan(3, C), n_pix=M)  # fmt: skip
+    torch.testing.assert_close(db, ga.double().sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dg, gx.double().sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(coef[0], (g * invstd).double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(coef[1:], torch.stack([db, dg]) / M, rtol=1e-6, atol=0)
+    (sums,) = _reduce(triton_train._column_sum_kernel, ga, None, _nan(C))
+    torch.testing.assert_close(sums, ga.double().sum(0), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -253,8 +253,8 @@ def _fold_kernel(
     g1_ptr, bt1_ptr, m1_ptr, v1_ptr, eps1, g2_ptr, bt2_ptr, m2_ptr, v2_ptr, eps2, w2_ptr,
     sc1_ptr, sh1_ptr, w2f_ptr, b2_ptr, INIT, NEW, TAPS, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Both eval BatchNorms as the kernels take them, in one launch (``bn_affine``'s torch ops
-    and the cheap weights' fold were about twenty launches a call): sc1 = g1 / sqrt(v1 + eps1),
+    """Both eval BatchNorms as the kernels take them, in one launch (about twenty torch ops a
+    call before): sc1 = g1 / sqrt(v1 + eps1),
     sh1 = bt1 - m1 sc1 (init channels); w2f[j, t] = w2[j, t] sc2[j], b2 = bt2 - m2 sc2 (new
     ghost channels); float32, whatever dtype the vectors come in."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -296,16 +296,6 @@ def fold_eval_params(bn1, bn1_eps, cheap_weight, bn2, bn2_eps):
         sc1, sh1, w2f, b2, init, new, taps, BLOCK=block,
     )  # fmt: skip
     return sc1, sh1, w2f, b2
-
-
-def bn_affine(mean, var, gamma, beta, eps):
-    """A BatchNorm with these statistics (running ones in eval, the batch's in training) as
-    x -> scale x + shift, float32: (scale, shift, invstd). The training forward and backward
-    (triton_train.py) derive it here from the same rounded statistics, so they recompute
-    alike."""
-    invstd = torch.rsqrt(var.float() + eps)
-    scale = gamma.float() * invstd
-    return scale.contiguous(), (beta.float() - mean.float() * scale).contiguous(), invstd
 
 
 def eval_plan(inp: int, init: int, oup: int, new: int, d: int, itemsize: int) -> dict:

@@ -11,18 +11,24 @@ parameters may be float32 with float16 inputs.
 
 Forward, three passes:
   F1 ``_f1_primary``: z1 = W1 x, a tl.dot GEMM over pixel tiles, stored contiguous (N, init, P);
-     each tile also stores its per-channel mean and M2, combined on the device (Chan et al.).
+     each tile also stores its per-channel mean and M2, combined on the device (Chan et al.,
+     ``_bn_stats_kernel``, which also makes BN1's scale and shift).
   F2 ``_f2_cheap``: per (image, ghost channel, pixel tile): x1 = act(BN1(z1)) recomputed from
      z1 with the halo (so no tile reads another's output), the depthwise conv into
-     y[:, init + j] (ghost channels past oup: statistics only), x1 itself into y[:, c]; z2 moments.
+     y[:, init + j] (ghost channels past oup: statistics only), x1 itself into y[:, c]; z2
+     moments, combined as F1's.
   F3 ``_f3_affine_act``: y[:, init:] = act(BN2(z2)) in place.
 Backward (z1 and the batch statistics saved; y is not read, so callers may modify it in place):
+  ``_bn_affine_kernel``: both BatchNorms' scale, shift and invstd, as the forward made them.
   B1 ``_b1_ghost_sums``: z2 recomputed as F2 computes it; per-channel sums of ga2 = dy2 act'(a2)
      and ga2 x2hat.
   B2 ``_b2_dz2``: dz2 (BN2 backward) into a float32 buffer, and the cheap weight's gradient.
   B3 ``_b3_dx1``: dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 act'(a1), sums of ga1 and ga1 x1hat.
-  Then dz1 (BN1 backward) and the primary conv's two GEMMs with torch ops (torch.matmul).
-Partial sums are per tile, reduced by torch in a fixed order: results do not depend on timing.
+  B4 ``_b4_dz1``: dz1 (BN1 backward) in x's dtype; then the primary conv's two GEMMs
+     (torch.matmul).
+Partial sums and moments are per tile, reduced on the device by ``_reduce_rows``'s kernels
+(float64, a fixed order, no atomics): results do not depend on timing, and no torch op runs
+between the kernels but the GEMMs.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ from ghostops import ops as _ops
 from ghostops.backends.triton_kernels import (
     _act,
     _pixel_tile,
-    bn_affine,
     channel_tile,
     dot_in_float32,
     gemm_vectors,
@@ -156,6 +161,172 @@ def _f3_affine_act(
     sh = tl.load(sh_ptr + j, mask=j_ok, other=0.0)
     v = _act(v * sc[None, :] + sh[None, :], RELU)
     tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel reductions of the kernels' per-tile rows (tiles, C), and the BatchNorm terms made
+# from them, on the device in a fixed order (no atomics): where a map has more than
+# REDUCE_ITERS row blocks, ``_partial_sums_kernel`` first sums chunks of rows (float64, one
+# program a chunk), then a finishing kernel sums the chunks; else the finishing kernel reads the
+# rows itself. These replace about twenty torch ops per BatchNorm per call.
+
+REDUCE_ELEMS = 1024  # (row, channel) pairs a reduction program loads at once
+REDUCE_ITERS = 4  # row blocks a program sums
+
+
+@triton.jit
+def _column_sums(a_ptr, b_ptr, r0, r1, C, n_pix, TILE: tl.constexpr, HAS_B: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Sums over rows r0 <= r < r1 of (rows, C) tables a and b, in float64, of
+    program_id(1)'s BLOCK_C columns: (columns, their mask, sum a, sum b). With TILE > 0, row r
+    of a, b holds a tile's (mean, M2) over min(TILE, n_pix - r TILE) values, and the sums are
+    sum count mean and sum (M2 + count mean^2): the batch's first and second raw moments
+    (Chan et al.; within a tile the moment stays centred, so only the spread of the tile means
+    cancels, in float64)."""
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_ok = ch < C
+    sa = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    sb = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    for start in range(r0, r1, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        ok = (r < r1)[:, None] & ch_ok[None, :]
+        off = r[:, None] * C + ch[None, :]
+        a = tl.load(a_ptr + off, mask=ok, other=0.0).to(tl.float64)
+        if HAS_B:
+            b = tl.load(b_ptr + off, mask=ok, other=0.0).to(tl.float64)
+            if TILE > 0:
+                count = tl.minimum(n_pix - r * TILE, TILE).to(tl.float64)[:, None]
+                b += count * a * a
+                a *= count
+            sb += b
+        sa += a
+    return ch, ch_ok, tl.sum(sa, axis=0), tl.sum(sb, axis=0)
+
+
+@triton.jit
+def _partial_sums_kernel(
+    a_ptr, b_ptr, out_ptr, rows, C, n_pix, TILE: tl.constexpr, HAS_B: tl.constexpr,
+    ITERS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``_column_sums`` of chunk program_id(0), ITERS row blocks, into rows of out
+    (2, chunks, C) float64: sum a, then sum b."""
+    chunk = tl.program_id(0)
+    r0 = chunk * (ITERS * BLOCK_R)
+    r1 = tl.minimum(r0 + ITERS * BLOCK_R, rows)
+    ch, ch_ok, sa, sb = _column_sums(a_ptr, b_ptr, r0, r1, C, n_pix, TILE, HAS_B, BLOCK_R,
+                                     BLOCK_C)  # fmt: skip
+    tl.store(out_ptr + chunk * C + ch, sa, mask=ch_ok)
+    if HAS_B:
+        tl.store(out_ptr + (tl.num_programs(0) + chunk) * C + ch, sb, mask=ch_ok)
+
+
+@triton.jit
+def _bn_affine(mean, var, g_ptr, b_ptr, eps, ch, ch_ok):
+    """A BatchNorm with these float32 statistics as x -> sc x + sh: (sc, sh, invstd). The
+    training forward and backward both take it from here, so they recompute alike."""
+    invstd = 1.0 / tl.sqrt_rn(var + eps)
+    sc = tl.load(g_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32) * invstd
+    return sc, tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32) - mean * sc, invstd
+
+
+@triton.jit
+def _bn_stats_kernel(
+    a_ptr, b_ptr, rows, C, n_pix, g_ptr, bt_ptr, eps, mean_ptr, var_ptr, sc_ptr, sh_ptr,
+    TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The batch mean and biased variance of C channels from per-tile (mean, M2) rows (TILE
+    > 0: F1's or F2's) or from ``_partial_sums_kernel``'s chunks of them (TILE = 0), and the
+    BatchNorm's (sc, sh) with them."""
+    ch, ch_ok, s1, s2 = _column_sums(a_ptr, b_ptr, 0, rows, C, n_pix, TILE, True, BLOCK_R,
+                                     BLOCK_C)  # fmt: skip
+    mu = s1 / n_pix
+    mean = mu.to(tl.float32)
+    var = tl.maximum(s2 / n_pix - mu * mu, 0.0).to(tl.float32)
+    tl.store(mean_ptr + ch, mean, mask=ch_ok)
+    tl.store(var_ptr + ch, var, mask=ch_ok)
+    sc, sh, _ = _bn_affine(mean, var, g_ptr, bt_ptr, eps, ch, ch_ok)
+    tl.store(sc_ptr + ch, sc, mask=ch_ok)
+    tl.store(sh_ptr + ch, sh, mask=ch_ok)
+
+
+@triton.jit
+def _bn_affine_store(m_ptr, v_ptr, g_ptr, bt_ptr, eps, out_ptr, C, BLOCK: tl.constexpr):
+    ch = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = ch < C
+    mean = tl.load(m_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    var = tl.load(v_ptr + ch, mask=ok, other=1.0).to(tl.float32)
+    sc, sh, invstd = _bn_affine(mean, var, g_ptr, bt_ptr, eps, ch, ok)
+    tl.store(out_ptr + ch, sc, mask=ok)
+    tl.store(out_ptr + C + ch, sh, mask=ok)
+    tl.store(out_ptr + 2 * C + ch, invstd, mask=ok)
+
+
+@triton.jit
+def _bn_affine_kernel(
+    m1_ptr, v1_ptr, g1_ptr, bt1_ptr, eps1, m2_ptr, v2_ptr, g2_ptr, bt2_ptr, eps2, out_ptr,
+    INIT, NEW, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The backward's view of both BatchNorms in one launch: out = sc1 | sh1 | invstd1 (INIT
+    each), then sc2 | sh2 | invstd2 (NEW each), float32."""
+    _bn_affine_store(m1_ptr, v1_ptr, g1_ptr, bt1_ptr, eps1, out_ptr, INIT, BLOCK)
+    _bn_affine_store(m2_ptr, v2_ptr, g2_ptr, bt2_ptr, eps2, out_ptr + 3 * INIT, NEW, BLOCK)
+
+
+@triton.jit
+def _bn_grad_kernel(
+    a_ptr, b_ptr, rows, C, n_pix, g_ptr, invstd_ptr, dbeta_ptr, dgamma_ptr, coef_ptr,
+    TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """A BatchNorm backward's per-channel terms from per-tile sums of ga and ga xhat (or
+    ``_partial_sums_kernel``'s chunks of them): dbeta = sum ga and dgamma = sum ga xhat
+    (float32), and coef (3, C) = k = gamma invstd, mean ga = dbeta / n_pix, mean ga xhat =
+    dgamma / n_pix (TILE is 0: plain sums)."""
+    ch, ch_ok, sa, sb = _column_sums(a_ptr, b_ptr, 0, rows, C, 0, TILE, True, BLOCK_R, BLOCK_C)
+    dbeta, dgamma = sa.to(tl.float32), sb.to(tl.float32)
+    tl.store(dbeta_ptr + ch, dbeta, mask=ch_ok)
+    tl.store(dgamma_ptr + ch, dgamma, mask=ch_ok)
+    g = tl.load(g_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    tl.store(coef_ptr + ch, g * tl.load(invstd_ptr + ch, mask=ch_ok, other=0.0), mask=ch_ok)
+    tl.store(coef_ptr + C + ch, dbeta / n_pix, mask=ch_ok)
+    tl.store(coef_ptr + 2 * C + ch, dgamma / n_pix, mask=ch_ok)
+
+
+@triton.jit
+def _column_sum_kernel(
+    a_ptr, b_ptr, rows, C, n_pix, out_ptr,
+    TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """out[c] = sum over rows of a[:, c] (or of ``_partial_sums_kernel``'s chunks), in out's
+    dtype (b unused, TILE 0)."""
+    ch, ch_ok, sa, _ = _column_sums(a_ptr, b_ptr, 0, rows, C, 0, TILE, False, BLOCK_R, BLOCK_C)
+    tl.store(out_ptr + ch, sa.to(out_ptr.dtype.element_ty), mask=ch_ok)
+
+
+def _reduce_block(C: int) -> dict:
+    block_c = max(2, min(32, triton.next_power_of_2(C)))
+    return {"BLOCK_R": REDUCE_ELEMS // block_c, "BLOCK_C": block_c}
+
+
+def _reduce_rows(finish, a, b, *args, n_pix: int = 0, tile: int = 0) -> None:
+    """Run ``finish`` (a finishing kernel: arguments (a, b, rows, C, n_pix, *args), grid the
+    blocks of columns) over the (rows, C) tables a and b (b may be None), directly where they
+    have at most REDUCE_ITERS row blocks, else over ``_partial_sums_kernel``'s float64 chunk
+    sums. tile > 0: a and b are per-tile (mean, M2) over n_pix values in tiles of ``tile``
+    (``_column_sums``); their chunk sums, already raw moments, are finished with tile 0."""
+    rows, C = a.shape
+    block = _reduce_block(C)
+    grid_c = triton.cdiv(C, block["BLOCK_C"])
+    chunk = REDUCE_ITERS * block["BLOCK_R"]
+    b = a if b is None else b
+    if rows > chunk:
+        chunks = triton.cdiv(rows, chunk)
+        part = torch.empty((2, chunks, C), dtype=torch.float64, device=a.device)
+        wrap_triton(_partial_sums_kernel)[(chunks, grid_c)](
+            a, b, part, rows, C, n_pix, TILE=tile, HAS_B=b is not a, ITERS=REDUCE_ITERS,
+            **block,
+        )  # fmt: skip
+        a, b, rows, tile = part[0], part[1], chunks, 0
+    wrap_triton(finish)[(1, grid_c)](a, b, rows, C, n_pix, *args, TILE=tile, **block)
 
 
 @triton.jit
@@ -276,6 +447,27 @@ def _b3_dx1(
     tl.store(sum_gx_ptr + part, tl.sum(ga * xh, axis=0), mask=c_ok)
 
 
+@triton.jit
+def _b4_dz1(
+    z_ptr, ga_ptr, dz_ptr, mean_ptr, invstd_ptr, coef_ptr, n_pix, P, Wo, INIT, szn, szc, szp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in dz's dtype (BN1's backward; coef
+    from ``_bn_grad_kernel``); z, ga and dz share z1's sizes and strides."""
+    ok, n, ho, wo = _pixel_tile(n_pix, P, Wo, BLOCK_P)
+    c, c_ok = _channel_block(INIT, BLOCK_C)
+    valid = ok[:, None] & c_ok[None, :]
+    off = (n * szn + (ho * Wo + wo) * szp)[:, None] + (c * szc)[None, :]
+    z = tl.load(z_ptr + off, mask=valid, other=0.0).to(tl.float32)
+    ga = tl.load(ga_ptr + off, mask=valid, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)[None, :]
+    xh = (z - mean) * tl.load(invstd_ptr + c, mask=c_ok, other=0.0)[None, :]
+    k = tl.load(coef_ptr + c, mask=c_ok, other=0.0)[None, :]
+    mg = tl.load(coef_ptr + INIT + c, mask=c_ok, other=0.0)[None, :]
+    mx = tl.load(coef_ptr + 2 * INIT + c, mask=c_ok, other=0.0)[None, :]
+    tl.store(dz_ptr + off, (k * (ga - mg - xh * mx)).to(dz_ptr.dtype.element_ty), mask=valid)
+
+
 def _check_args(op, x, primary_weight, cheap_weight, oup, stride, vectors):
     """The CPU op's argument checks (csrc/ghost_common.cpp), compile-friendly: a bad call is an
     error, never an out-of-bounds read. ``vectors``: (name, tensor, expected length)."""
@@ -318,22 +510,6 @@ def _check_args(op, x, primary_weight, cheap_weight, oup, stride, vectors):
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     """Batch statistics: float32 for half inputs (a float16 variance overflows past 65504)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _combine(mean: torch.Tensor, m2: torch.Tensor, counts: torch.Tensor):
-    """Per-channel mean and biased variance from per-tile (mean, M2) rows of ``counts`` values
-    each (Chan et al.), in float64."""
-    c = counts.double()[:, None]
-    total = c.sum()
-    mean64 = (mean.double() * c).sum(0) / total
-    m2_64 = m2.double().sum(0) + (c * (mean.double() - mean64) ** 2).sum(0)
-    return mean64, m2_64 / total
-
-
-def _tile_counts(n_pix: int, block: int, device) -> torch.Tensor:
-    """Valid pixels of each tile of ``block`` pixels over ``n_pix``."""
-    tiles = triton.cdiv(n_pix, block)
-    return (n_pix - torch.arange(tiles, device=device) * block).clamp(max=block)
 
 
 def _plane_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -392,9 +568,12 @@ def ghost_forward_train_triton(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK=block_p1, DOT_F32=dot_in_float32(x),
         **gemm_vectors(x),
     )  # fmt: skip
-    m1, v1 = _combine(part_mean1, part_m21, _tile_counts(n * P, block_p1, dev))
-    mean1, var1 = m1.to(_stats_dtype(x)), v1.to(_stats_dtype(x))
-    sc1, sh1, _ = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
+    mean1 = torch.empty(init, dtype=_stats_dtype(x), device=dev)
+    var1 = torch.empty_like(mean1)
+    sc1, sh1 = torch.empty((2, init), dtype=torch.float32, device=dev)
+    _reduce_rows(_bn_stats_kernel, part_mean1, part_m21, bn1_weight.contiguous(),
+                 bn1_bias.contiguous(), bn1_eps, mean1, var1, sc1, sh1, n_pix=n * P,
+                 tile=block_p1)  # fmt: skip
 
     tile = channel_tile(new, y.stride(1) == 1, TILE_OUTPUTS)
     tiles = triton.cdiv(n * P, tile["BLOCK_P"])
@@ -405,10 +584,13 @@ def ghost_forward_train_triton(
         z1, y, w2, sc1, sh1, part_mean2, part_m22, n * P, P, ho, wo, init, ghost, new, per,
         *zs, *y.stride(), D=d, RELU=relu, **tile,
     )  # fmt: skip
-    m2, v2 = _combine(part_mean2, part_m22, _tile_counts(n * P, tile["BLOCK_P"], dev))
-    mean2, var2 = m2.to(_stats_dtype(x)), v2.to(_stats_dtype(x))
+    mean2 = torch.empty(new, dtype=_stats_dtype(x), device=dev)
+    var2 = torch.empty_like(mean2)
+    sc2, sh2 = torch.empty((2, new), dtype=torch.float32, device=dev)
+    _reduce_rows(_bn_stats_kernel, part_mean2, part_m22, bn2_weight.contiguous(),
+                 bn2_bias.contiguous(), bn2_eps, mean2, var2, sc2, sh2, n_pix=n * P,
+                 tile=tile["BLOCK_P"])  # fmt: skip
     if ghost > 0:
-        sc2, sh2, _ = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
         tile = channel_tile(ghost, y.stride(1) == 1, TILE_OUTPUTS)
         grid = (triton.cdiv(n * P, tile["BLOCK_P"]), triton.cdiv(ghost, tile["BLOCK_C"]))
         wrap_triton(_f3_affine_act)[grid](
@@ -465,8 +647,13 @@ def ghost_backward_triton(
     P, dev, f32 = ho * wo, x.device, torch.float32
     M = n * P
     relu = act == "relu"
-    sc1, sh1, invstd1 = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps)
-    sc2, sh2, invstd2 = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps)
+    bn1 = [t.contiguous() for t in (mean1, var1, bn1_weight, bn1_bias)]
+    bn2 = [t.contiguous() for t in (mean2, var2, bn2_weight, bn2_bias)]
+    affine = torch.empty(3 * (init + new), dtype=f32, device=dev)
+    wrap_triton(_bn_affine_kernel)[(triton.cdiv(max(init, new), 1024),)](
+        *bn1, bn1_eps, *bn2, bn2_eps, affine, init, new, BLOCK=1024
+    )
+    sc1, sh1, invstd1, sc2, sh2, invstd2 = affine.split([init] * 3 + [new] * 3)
     mean1f, mean2f = mean1.float().contiguous(), mean2.float().contiguous()
     w2 = cheap_weight.reshape(new, d * d).contiguous()
     z1 = z1 if _evenly_spaced(z1) else z1.contiguous()
@@ -475,9 +662,11 @@ def ghost_backward_triton(
     fmt = torch._prims_common.suggest_memory_format(z1)
     channels_inner = z1.stride(1) == 1
 
-    dgamma2 = torch.zeros(new, dtype=f32, device=dev)
-    dbeta2 = torch.zeros(new, dtype=f32, device=dev)
-    dw2 = torch.zeros((new, d * d), dtype=f32, device=dev)
+    # Ghost channels past oup (j >= ghost) change nothing: their gradients are zero.
+    alloc = torch.empty if ghost == new else torch.zeros
+    dgamma2 = alloc(new, dtype=f32, device=dev)
+    dbeta2 = alloc(new, dtype=f32, device=dev)
+    dw2 = alloc((new, d * d), dtype=f32, device=dev)
     dz2 = torch.empty((n, max(ghost, 1), ho, wo), dtype=f32, device=dev, memory_format=fmt)
     ds = _plane_strides(dz2)
     if ghost > 0:
@@ -491,16 +680,15 @@ def ghost_backward_triton(
             *common, sum_ga, sum_gx, M, P, ho, wo, init, ghost, per, *zs, *gs,
             D=d, RELU=relu, **tile,
         )  # fmt: skip
-        dbeta2[:ghost] = sum_ga.sum(0)
-        dgamma2[:ghost] = sum_gx.sum(0)
-        k2 = (bn2_weight.float() * invstd2)[:ghost].contiguous()
-        mg2, mx2 = (dbeta2[:ghost] / M).contiguous(), (dgamma2[:ghost] / M).contiguous()
+        k2, mg2, mx2 = coef2 = torch.empty((3, ghost), dtype=f32, device=dev)
+        _reduce_rows(_bn_grad_kernel, sum_ga, sum_gx, bn2[2], invstd2, dbeta2, dgamma2, coef2,
+                     n_pix=M)  # fmt: skip
         dw_part = torch.empty((tiles, ghost, d * d), dtype=f32, device=dev)
         wrap_triton(_b2_dz2)[grid](
             *common, k2, mg2, mx2, dz2, dw_part, M, P, ho, wo, init, ghost, per, *zs, *gs, *ds,
             D=d, RELU=relu, **tile,
         )  # fmt: skip
-        dw2[:ghost] = dw_part.sum(0)
+        _reduce_rows(_column_sum_kernel, dw_part.view(tiles, ghost * d * d), None, dw2)
 
     ga1 = torch.empty_like(z1, dtype=f32)
     tile = channel_tile(init, channels_inner, TILE_OUTPUTS)
@@ -511,19 +699,18 @@ def ghost_backward_triton(
         z1, grad_y, dz2, w2, sc1, sh1, mean1f, invstd1, ga1, sum_ga1, sum_gx1,
         M, P, ho, wo, init, ghost, per, *zs, *gs, *ds, D=d, RELU=relu, **tile,
     )  # fmt: skip
-    dbeta1, dgamma1 = sum_ga1.sum(0), sum_gx1.sum(0)
-
-    # dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in float32, then the primary conv's
-    # GEMMs in x's dtype (tensor cores for half inputs, float32 accumulation, as cuDNN's conv
-    # backward), pixels x channels where channels are innermost.
-    def per_channel(v):
-        return v[:, None, None]
-
-    x1hat = (z1.float() - per_channel(mean1f)) * per_channel(invstd1)
-    dz1 = per_channel(bn1_weight.float() * invstd1) * (
-        ga1 - per_channel(dbeta1 / M) - x1hat * per_channel(dgamma1 / M)
+    dbeta1 = torch.empty(init, dtype=f32, device=dev)
+    dgamma1 = torch.empty_like(dbeta1)
+    coef1 = torch.empty((3, init), dtype=f32, device=dev)
+    _reduce_rows(_bn_grad_kernel, sum_ga1, sum_gx1, bn1[2], invstd1, dbeta1, dgamma1, coef1,
+                 n_pix=M)  # fmt: skip
+    dz1 = torch.empty_like(z1, dtype=x.dtype)
+    wrap_triton(_b4_dz1)[(tiles, triton.cdiv(init, tile["BLOCK_C"]))](
+        z1, ga1, dz1, mean1f, invstd1, coef1, M, P, wo, init, *zs, **tile
     )
-    dz1 = dz1.to(x.dtype)
+
+    # The primary conv's GEMMs in x's dtype (tensor cores for half inputs, float32
+    # accumulation, as cuDNN's conv backward), pixels x channels where channels are innermost.
     w1 = primary_weight.reshape(init, inp)
     grad_x = x.new_empty(0)
     grad_w1 = x.new_empty(0)
