@@ -8,14 +8,17 @@
 //                  weight's gradient sum dz2[q] x1[q + tap];
 //   b3_dx1         dx1 = dy1 + dwconv^T(dz2), ga1 = dx1 act'(a1) into a float buffer, per-tile
 //                  sums of ga1 and ga1 x1hat;
-// then dz1 (BN1's backward) and the primary conv's two GEMMs with ATen (cuBLAS). Partial sums
-// are per tile and reduced by ATen in a fixed order: results do not depend on timing.
+//   b4_dz1         dz1 (BN1's backward) in x's dtype;
+// then the primary conv's two GEMMs with ATen (cuBLAS). Partial sums are per tile, reduced on
+// the device in a fixed order (bn_reduce.cuh): results do not depend on timing. BatchNorm
+// vectors are read as float32.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "bn_reduce.cuh"
 #include "train_common.cuh"
 
 namespace ghostops::cuda {
@@ -151,6 +154,45 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
 }
 
+// Both BatchNorms as the forward's kernels used them, one launch: out = sc1 | sh1 | invstd1
+// (init each), then sc2 | sh2 | invstd2 (new each), from the saved float32 statistics.
+__global__ void __launch_bounds__(kPlaneThreads)
+    bn_affine_kernel(const float* __restrict__ mean1, const float* __restrict__ var1,
+                     const float* __restrict__ g1, const float* __restrict__ b1, float eps1,
+                     const float* __restrict__ mean2, const float* __restrict__ var2,
+                     const float* __restrict__ g2, const float* __restrict__ b2, float eps2,
+                     float* __restrict__ out, int64_t init, int64_t new_ch) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < init) {
+    const BnAffine a = bn_affine_of(mean1[e], var1[e], g1[e], b1[e], eps1);
+    out[e] = a.scale;
+    out[init + e] = a.shift;
+    out[2 * init + e] = a.invstd;
+  }
+  if (e < new_ch) {
+    const BnAffine a = bn_affine_of(mean2[e], var2[e], g2[e], b2[e], eps2);
+    float* o = out + 3 * init;
+    o[e] = a.scale;
+    o[new_ch + e] = a.shift;
+    o[2 * new_ch + e] = a.invstd;
+  }
+}
+
+// dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in T, grid-stride over the contiguous
+// (N, init, P) z1, ga1 and dz1; coef = (k1, mean ga1, mean ga1 x1hat) rows (3, init).
+template <typename T>
+__global__ void __launch_bounds__(kPlaneThreads)
+    b4_dz1(const float* __restrict__ z1, const float* __restrict__ ga1, T* __restrict__ dz1,
+           const float* __restrict__ mean1, const float* __restrict__ invstd1,
+           const float* __restrict__ coef, int64_t total, int64_t P, int64_t init) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = e / P % init;
+    const float xh = (z1[e] - mean1[c]) * invstd1[c];
+    dz1[e] = static_cast<T>(coef[c] * (ga1[e] - coef[init + c] - xh * coef[2 * init + c]));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z1,
                     const at::Tensor& primary_weight, const at::Tensor& bn1_weight,
@@ -194,11 +236,24 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  at::Tensor sc1, sh1, invstd1, sc2, sh2, invstd2;
-  std::tie(sc1, sh1, invstd1) = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps);
-  std::tie(sc2, sh2, invstd2) = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps);
-  const at::Tensor mean1f = mean1.to(at::kFloat).contiguous();
-  const at::Tensor mean2f = mean2.to(at::kFloat).contiguous();
+  auto as_float = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor mean1f = as_float(mean1), var1f = as_float(var1), g1 = as_float(bn1_weight),
+                   b1 = as_float(bn1_bias);
+  const at::Tensor mean2f = as_float(mean2), var2f = as_float(var2), g2 = as_float(bn2_weight),
+                   b2 = as_float(bn2_bias);
+  const at::Tensor affine = at::empty({3 * (s.init + new_ch)}, f32);
+  bn_affine_kernel<<<cdiv(std::max(s.init, new_ch), kPlaneThreads), kPlaneThreads, 0, stream>>>(
+      mean1f.const_data_ptr<float>(), var1f.const_data_ptr<float>(), g1.const_data_ptr<float>(),
+      b1.const_data_ptr<float>(), float(bn1_eps), mean2f.const_data_ptr<float>(),
+      var2f.const_data_ptr<float>(), g2.const_data_ptr<float>(), b2.const_data_ptr<float>(),
+      float(bn2_eps), affine.mutable_data_ptr<float>(), s.init, new_ch);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const float* const sc1 = affine.const_data_ptr<float>();
+  const float* const sh1 = sc1 + s.init;
+  const float* const invstd1 = sh1 + s.init;
+  const float* const sc2 = invstd1 + s.init;
+  const float* const sh2 = sc2 + new_ch;
+  const float* const invstd2 = sh2 + new_ch;
   const at::Tensor w2 =
       cheap_weight.reshape({new_ch, s.dw * s.dw}).to(at::kFloat).contiguous();
   const at::Tensor z = z1.contiguous();
@@ -211,12 +266,20 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                       s.dw,             gy_nchw.stride(0), gy_nchw.stride(1), gy_nchw.stride(2),
                       gy_nchw.stride(3)};
 
-  at::Tensor dgamma2 = at::zeros({new_ch}, f32), dbeta2 = at::zeros({new_ch}, f32);
-  at::Tensor dw2 = at::zeros({new_ch, s.dw * s.dw}, f32);
+  // Ghost channels past oup (j >= ghost) change nothing: their gradients are zero.
+  auto grads2 = [&](at::IntArrayRef size) {
+    return ghost == new_ch ? at::empty(size, f32) : at::zeros(size, f32);
+  };
+  at::Tensor dgamma2 = grads2({new_ch}), dbeta2 = grads2({new_ch});
+  at::Tensor dw2 = grads2({new_ch, s.dw * s.dw});
   at::Tensor dz2 = at::empty({s.batch, std::max<int64_t>(ghost, 1), P}, f32);
   at::Tensor ga1 = at::empty({s.batch, s.init, P}, f32);
   at::Tensor sum_ga1 = at::empty({s.batch * tiles, s.init}, f32);
   at::Tensor sum_gx1 = at::empty_like(sum_ga1);
+  at::Tensor dbeta1 = at::empty({s.init}, f32), dgamma1 = at::empty_like(dbeta1);
+  const at::Tensor coef1 = at::empty({3, s.init}, f32);  // k1, mean ga1, mean ga1 x1hat
+  const bool need_dz1 = output_mask[0] || output_mask[1];
+  at::Tensor dz1;  // (N, init, P) in x's dtype, where the GEMMs need it
   dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto passes = [&](auto act_tag) {
@@ -227,33 +290,32 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
         at::Tensor sum_gx = at::empty_like(sum_ga);
         const dim3 grid(s.batch * ghost, tiles);
         b1_ghost_sums<T, A><<<grid, kPlaneThreads, 0, stream>>>(
-            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(),
-            sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
-            sc2.const_data_ptr<float>(), sh2.const_data_ptr<float>(),
-            mean2f.const_data_ptr<float>(), invstd2.const_data_ptr<float>(),
-            sum_ga.mutable_data_ptr<float>(), sum_gx.mutable_data_ptr<float>(), p);
+            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(), sc1, sh1, sc2, sh2,
+            mean2f.const_data_ptr<float>(), invstd2, sum_ga.mutable_data_ptr<float>(),
+            sum_gx.mutable_data_ptr<float>(), p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dbeta2.slice(0, 0, ghost).copy_(sum_ga.sum(0));
-        dgamma2.slice(0, 0, ghost).copy_(sum_gx.sum(0));
-        const at::Tensor k2 = (bn2_weight.to(at::kFloat) * invstd2).slice(0, 0, ghost).contiguous();
-        const at::Tensor mg2 = (dbeta2.slice(0, 0, ghost) / double(M)).contiguous();
-        const at::Tensor mx2 = (dgamma2.slice(0, 0, ghost) / double(M)).contiguous();
+        const at::Tensor coef2 = at::empty({3, ghost}, f32);  // k2, mean ga2, mean ga2 x2hat
+        float* const k2 = coef2.mutable_data_ptr<float>();
+        reduce_rows(RowTables<float>{sum_ga.const_data_ptr<float>(),
+                                     sum_gx.const_data_ptr<float>(), s.batch * tiles, ghost, 0,
+                                     0, 1},
+                    GradFinish{g2.const_data_ptr<float>(), invstd2, float(M), ghost,
+                               dbeta2.mutable_data_ptr<float>(),
+                               dgamma2.mutable_data_ptr<float>(), k2},
+                    x);
         at::Tensor dw_part = at::empty({s.batch * tiles, ghost, s.dw * s.dw}, f32);
         b2_dz2<T, A><<<grid, kPlaneThreads, 0, stream>>>(
-            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(),
-            sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
-            sc2.const_data_ptr<float>(), sh2.const_data_ptr<float>(),
-            mean2f.const_data_ptr<float>(), invstd2.const_data_ptr<float>(),
-            k2.const_data_ptr<float>(), mg2.const_data_ptr<float>(),
-            mx2.const_data_ptr<float>(), dz2.mutable_data_ptr<float>(),
-            dw_part.mutable_data_ptr<float>(), p);
+            z.const_data_ptr<float>(), gy, w2.const_data_ptr<float>(), sc1, sh1, sc2, sh2,
+            mean2f.const_data_ptr<float>(), invstd2, k2, k2 + ghost, k2 + 2 * ghost,
+            dz2.mutable_data_ptr<float>(), dw_part.mutable_data_ptr<float>(), p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dw2.slice(0, 0, ghost).copy_(dw_part.sum(0));
+        reduce_rows(RowTables<float>{dw_part.const_data_ptr<float>(), nullptr, s.batch * tiles,
+                                     ghost * s.dw * s.dw, 0, 0, 1},
+                    SumFinish{dw2.mutable_data_ptr<float>()}, x);
       }
       b3_dx1<T, A><<<dim3(s.batch * s.init, tiles), kPlaneThreads, 0, stream>>>(
           z.const_data_ptr<float>(), gy, dz2.const_data_ptr<float>(),
-          w2.const_data_ptr<float>(), sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
-          mean1f.const_data_ptr<float>(), invstd1.const_data_ptr<float>(),
+          w2.const_data_ptr<float>(), sc1, sh1, mean1f.const_data_ptr<float>(), invstd1,
           ga1.mutable_data_ptr<float>(), sum_ga1.mutable_data_ptr<float>(),
           sum_gx1.mutable_data_ptr<float>(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -263,21 +325,30 @@ ghost_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     } else {
       passes(std::integral_constant<Act, Act::Identity>{});
     }
+    reduce_rows(RowTables<float>{sum_ga1.const_data_ptr<float>(),
+                                 sum_gx1.const_data_ptr<float>(), s.batch * tiles, s.init, 0, 0,
+                                 1},
+                GradFinish{g1.const_data_ptr<float>(), invstd1, float(M), s.init,
+                           dbeta1.mutable_data_ptr<float>(), dgamma1.mutable_data_ptr<float>(),
+                           coef1.mutable_data_ptr<float>()},
+                x);
+    if (need_dz1) {
+      dz1 = at::empty({s.batch, s.init, P}, x.options());
+      const int64_t total = s.batch * s.init * P;
+      const int64_t blocks = std::min<int64_t>(cdiv(total, kPlaneThreads), 65535 * 8);
+      b4_dz1<T><<<blocks, kPlaneThreads, 0, stream>>>(
+          z.const_data_ptr<float>(), ga1.const_data_ptr<float>(), dz1.mutable_data_ptr<T>(),
+          mean1f.const_data_ptr<float>(), invstd1, coef1.const_data_ptr<float>(), total, P,
+          s.init);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  const at::Tensor dbeta1 = sum_ga1.sum(0), dgamma1 = sum_gx1.sum(0);
 
-  // dz1 = k1 (ga1 - mean(ga1) - x1hat mean(ga1 x1hat)) in float32, then the primary conv's
-  // GEMMs, where their gradients are asked for, in x's dtype (cuBLAS: tensor cores for half
-  // inputs, float32 accumulation, as cuDNN's conv backward and the Triton backend's). Outputs
-  // contiguous, as the CPU kernel's and the fake's.
+  // The primary conv's GEMMs, where their gradients are asked for, in x's dtype (cuBLAS:
+  // tensor cores for half inputs, float32 accumulation, as cuDNN's conv backward and the
+  // Triton backend's). Outputs contiguous, as the CPU kernel's and the fake's.
   at::Tensor grad_x = x.new_empty({0}), grad_w1 = x.new_empty({0});
-  if (output_mask[0] || output_mask[1]) {
-    const at::Tensor k1 = (bn1_weight.to(at::kFloat) * invstd1).unsqueeze(1);
-    const at::Tensor x1hat =
-        (z.reshape({s.batch, s.init, P}) - mean1f.unsqueeze(1)) * invstd1.unsqueeze(1);
-    const at::Tensor mean_ga1 = (dbeta1 / double(M)).unsqueeze(1);
-    const at::Tensor dz1 =
-        (k1 * (ga1 - mean_ga1 - x1hat * (dgamma1 / double(M)).unsqueeze(1))).to(x.scalar_type());
+  if (need_dz1) {
     const at::Tensor w1 = primary_weight.reshape({s.init, s.inp});  // x's dtype (checked above)
     if (output_mask[0]) {
       const at::Tensor gxs = at::matmul(w1.t(), dz1).reshape({s.batch, s.inp, s.out_h, s.out_w});

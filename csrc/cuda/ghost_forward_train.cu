@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "bn_reduce.cuh"
 #include "primary_gemm.cuh"
 #include "train_common.cuh"
 
@@ -162,7 +163,19 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
   const TrainParams p{s.batch,     s.out_h,     s.out_w,     P,           s.init,
                       s.ghost,     new_ch,      s.ratio - 1, s.dw,        y.stride(0),
                       y.stride(1), y.stride(2), y.stride(3)};
-  at::Tensor mean1, var1, mean2, var2;
+  // The batch statistics (outputs) and BatchNorm's scale and shift, float32, from the tiles'
+  // moments (bn_reduce.cuh); the BatchNorm vectors read as float32.
+  at::Tensor mean1 = at::empty({s.init}, f32), var1 = at::empty_like(mean1);
+  at::Tensor mean2 = at::empty({new_ch}, f32), var2 = at::empty_like(mean2);
+  const at::Tensor affine = at::empty({2 * (s.init + new_ch)}, f32);
+  float* const sc1 = affine.mutable_data_ptr<float>();
+  float* const sh1 = sc1 + s.init;
+  float* const sc2 = sh1 + s.init;
+  float* const sh2 = sc2 + new_ch;
+  const at::Tensor g1 = bn1_weight.to(at::kFloat).contiguous();
+  const at::Tensor b1 = bn1_bias.to(at::kFloat).contiguous();
+  const at::Tensor g2 = bn2_weight.to(at::kFloat).contiguous();
+  const at::Tensor b2 = bn2_bias.to(at::kFloat).contiguous();
   dispatch_gpu_dtype(op, x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const bool x_vectors = x_channel_vectors(x.const_data_ptr<T>(), g, 16 / sizeof(T));
@@ -174,25 +187,32 @@ ghost_forward_train_cuda(const at::Tensor& x, const at::Tensor& primary_weight,
           part_mean1.mutable_data_ptr<float>(), part_m21.mutable_data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    std::tie(mean1, var1) = combine_moments(part_mean1, part_m21, tile_counts(M, kTileP, x));
-    at::Tensor sc1, sh1, invstd1;
-    std::tie(sc1, sh1, invstd1) = bn_affine(mean1, var1, bn1_weight, bn1_bias, bn1_eps);
+    // F1's tiles run over the batch's M pixels; F2's over each image's plane of P.
+    reduce_rows(RowTables<float>{part_mean1.const_data_ptr<float>(),
+                                 part_m21.const_data_ptr<float>(), tiles1, s.init, kTileP, M,
+                                 tiles1},
+                StatsFinish{g1.const_data_ptr<float>(), b1.const_data_ptr<float>(),
+                            float(bn1_eps), double(M), mean1.mutable_data_ptr<float>(),
+                            var1.mutable_data_ptr<float>(), sc1, sh1},
+                x);
     auto passes = [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;
       f2_cheap<T, A><<<dim3(s.batch * new_ch, tiles), kPlaneThreads, 0, stream>>>(
           z1.const_data_ptr<float>(), y.mutable_data_ptr<T>(), w2.const_data_ptr<float>(),
-          sc1.const_data_ptr<float>(), sh1.const_data_ptr<float>(),
-          part_mean2.mutable_data_ptr<float>(), part_m22.mutable_data_ptr<float>(), p);
+          sc1, sh1, part_mean2.mutable_data_ptr<float>(), part_m22.mutable_data_ptr<float>(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      std::tie(mean2, var2) = combine_moments(
-          part_mean2, part_m22, tile_counts(P, kPlaneThreads, x).repeat({s.batch}));
+      reduce_rows(RowTables<float>{part_mean2.const_data_ptr<float>(),
+                                   part_m22.const_data_ptr<float>(), s.batch * tiles, new_ch,
+                                   kPlaneThreads, P, tiles},
+                  StatsFinish{g2.const_data_ptr<float>(), b2.const_data_ptr<float>(),
+                              float(bn2_eps), double(M), mean2.mutable_data_ptr<float>(),
+                              var2.mutable_data_ptr<float>(), sc2, sh2},
+                  x);
       if (s.ghost > 0) {
-        const auto [sc2, sh2, invstd2] = bn_affine(mean2, var2, bn2_weight, bn2_bias, bn2_eps);
         const int64_t total = s.batch * s.ghost * P;
         const int64_t blocks = std::min<int64_t>(cdiv(total, kPlaneThreads), 65535 * 8);
-        f3_affine_act<T, A><<<blocks, kPlaneThreads, 0, stream>>>(
-            y.mutable_data_ptr<T>(), sc2.const_data_ptr<float>(), sh2.const_data_ptr<float>(),
-            p);
+        f3_affine_act<T, A><<<blocks, kPlaneThreads, 0, stream>>>(y.mutable_data_ptr<T>(), sc2,
+                                                                  sh2, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };

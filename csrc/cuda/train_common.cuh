@@ -1,7 +1,8 @@
 // Shared by the CUDA training forward (ghost_forward_train.cu) and backward
 // (ghost_backward.cu) of the Ghost module: the sizes of a call, the recomputation of x1 and of
 // the cheap op's pre-BN output z2 from the saved z1 (one definition, so the forward and the
-// backward round alike), a deterministic block sum, and the host-side statistics helpers.
+// backward round alike) and deterministic block sums. The per-channel reductions of the
+// kernels' per-tile rows are in bn_reduce.cuh.
 // The same decomposition as the Triton backend (ghostops/backends/triton_train.py), whose
 // docstring lists the passes.
 #pragma once
@@ -127,40 +128,6 @@ inline void check_plane_grid(const char* op, const GhostShape& s) {
   TORCH_CHECK(cdiv(s.out_h * s.out_w, kPlaneThreads) <= 65535, op, ": maps of more than ",
               65535 * kPlaneThreads, " output pixels are not supported, got ", s.out_h, "x",
               s.out_w);
-}
-
-// Values per tile when `total` values are cut into tiles of `block`: (tiles,) float64.
-inline at::Tensor tile_counts(int64_t total, int64_t block, const at::Tensor& like) {
-  const at::Tensor starts =
-      at::arange(cdiv(total, block), like.options().dtype(at::kDouble)) * double(block);
-  return (double(total) - starts).clamp_max(double(block));
-}
-
-// Per-channel mean and biased variance (float32) from per-tile (mean, M2) rows (rows, C) of
-// counts (rows,) values each (Chan et al.), combined in float64.
-inline std::pair<at::Tensor, at::Tensor> combine_moments(const at::Tensor& mean,
-                                                          const at::Tensor& m2,
-                                                          const at::Tensor& counts) {
-  const at::Tensor c = counts.unsqueeze(1);
-  const at::Tensor total = counts.sum();
-  const at::Tensor mean64 = mean.to(at::kDouble);
-  const at::Tensor mu = (mean64 * c).sum(0) / total;
-  const at::Tensor m2_64 = m2.to(at::kDouble).sum(0) + (c * (mean64 - mu).square()).sum(0);
-  return {mu.to(at::kFloat), (m2_64 / total).to(at::kFloat)};
-}
-
-// A BatchNorm with these batch statistics as x -> scale x + shift, float32: (scale, shift,
-// invstd). The forward and the backward derive it here from the same statistics, so they
-// recompute alike.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_affine(const at::Tensor& mean,
-                                                                 const at::Tensor& var,
-                                                                 const at::Tensor& gamma,
-                                                                 const at::Tensor& beta,
-                                                                 double eps) {
-  const at::Tensor invstd = at::rsqrt(var.to(at::kFloat) + eps);
-  const at::Tensor scale = (gamma.to(at::kFloat) * invstd).contiguous();
-  const at::Tensor shift = (beta.to(at::kFloat) - mean.to(at::kFloat) * scale).contiguous();
-  return {scale, shift, invstd.contiguous()};
 }
 
 }  // namespace ghostops::cuda
